@@ -270,9 +270,7 @@ def _prepare_smollm2() -> str:
     gguf_dir, gguf_file = _smollm2_gguf()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}.tmp-", dir=final.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed cache should not be
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the renamed cache is a normal directory
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -469,6 +467,8 @@ def model_info(source: str, revision: str | None = None) -> dict[str, Any]:
     For ``"smollm2"`` before its first conversion the config is read from the GGUF header
     (~3 s) instead of converting the whole model (~20 s).
     """
+    if not source or not isinstance(source, str):
+        raise ModelError(f"model source {source!r} must be a non-empty string")
     if source.lower() == SMOLLM2 and not (_smollm2_cached() / "config.json").is_file():
         gguf_dir, gguf_file = _smollm2_gguf()
         try:

@@ -149,7 +149,11 @@ def topk_merge(
 
 @dataclass
 class StatsPartial:
-    """Mergeable statistics of one layer over some tokens (numpy, host memory)."""
+    """Mergeable statistics of one layer over some tokens (numpy, host memory).
+
+    Shapes below are for one layer; layers may be stacked in a leading axis ([L, d, ...])
+    and every function here works on the stack unchanged.
+    """
 
     n: int
     mean: np.ndarray  # float64 [d]
@@ -173,7 +177,7 @@ class StatsPartial:
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> StatsPartial:
-        return cls(n=int(a["n"]), **{name: np.asarray(a[name]) for name in cls.ARRAYS})
+        return cls(n=int(np.asarray(a["n"]).reshape(-1)[0]), **{name: np.asarray(a[name]) for name in cls.ARRAYS})
 
 
 def _moments_merge(
@@ -204,14 +208,17 @@ def _moments_merge(
 def merge_topk_np(
     values: Sequence[np.ndarray], positions: Sequence[np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical top-k of several ``[d, k_i]`` candidate sets (value desc, position asc)."""
-    v = torch.from_numpy(np.concatenate(values, axis=1).astype(np.float32))
-    p = torch.from_numpy(np.concatenate(positions, axis=1).astype(np.int64))
+    """Canonical top-k of several ``[..., k_i]`` candidate sets (value desc, position asc)."""
+    lead = values[0].shape[:-1]
+    v = torch.from_numpy(np.concatenate(values, axis=-1).astype(np.float32))
+    v = v.reshape(int(np.prod(lead)), -1)
+    p = torch.from_numpy(np.concatenate(positions, axis=-1).astype(np.int64))
+    p = p.reshape(int(np.prod(lead)), -1)
     keys = pack_keys(torch.nan_to_num(v, nan=0.0), p.clamp(min=0))
     keys[p < 0] = EMPTY_KEY
     top = torch.topk(keys, k, dim=1).values  # unique keys: deterministic
     tv, tp = unpack_keys(top)
-    return tv.numpy(), tp.numpy()
+    return tv.numpy().reshape(*lead, k), tp.numpy().reshape(*lead, k)
 
 
 def merge_partials(parts: Sequence[StatsPartial]) -> StatsPartial:
@@ -227,7 +234,7 @@ def merge_partials(parts: Sequence[StatsPartial]) -> StatsPartial:
         np.fmax(vmax, p.vmax, out=vmax)
         n_pos += p.n_pos
         hist += p.hist
-    k = parts[0].top_values.shape[1]
+    k = parts[0].top_values.shape[-1]
     tv, tp = merge_topk_np([p.top_values for p in parts], [p.top_positions for p in parts], k)
     return StatsPartial(int(n), mean, m2, m3, m4, vmin, vmax, n_pos, hist, tv, tp)
 
@@ -238,7 +245,6 @@ def finalize(p: StatsPartial, dead_frequency: float = 1e-6, massive_threshold: f
 
     ``var`` is the population variance, ``kurt`` is Pearson's (normal = 3, not excess).
     """
-    d = p.mean.shape[0]
     n = max(p.n, 1)
     var = p.m2 / n
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -248,7 +254,7 @@ def finalize(p: StatsPartial, dead_frequency: float = 1e-6, massive_threshold: f
     frac = p.n_pos / n
     max_abs = np.fmax(np.abs(p.vmin.astype(np.float64)), np.abs(p.vmax.astype(np.float64)))
     return {
-        "count": np.full(d, p.n, dtype=np.int64),
+        "count": np.full(p.mean.shape, p.n, dtype=np.int64),
         "mean": p.mean,
         "var": var,
         "skew": skew,

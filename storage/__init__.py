@@ -2,3 +2,7 @@
 
 Knows nothing about models: tokens are decoded with the vocabulary stored in the atlas.
 """
+
+from storage.atlas import Atlas, AtlasError, Example, NeuronRecord
+
+__all__ = ["Atlas", "AtlasError", "Example", "NeuronRecord"]

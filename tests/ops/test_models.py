@@ -36,6 +36,7 @@ from ops.models import (
     capture_mlp,
     forward_until,
     load_model,
+    load_tokenizer,
     model_info,
     prepare_source,
     register_site,
@@ -476,14 +477,45 @@ def test_smollm2_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         model_info("smollm2")
 
 
+def _save_tiny_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over VOCAB made-up words (ids 0-2 special), no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tok.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(tiny_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("llama_tok") / "m"
+    shutil.copytree(tiny_dirs["llama"], directory)
+    _save_tiny_tokenizer(directory)
+    return directory
+
+
+def test_local_dir_with_tokenizer(llama_with_tokenizer: Path) -> None:
+    lm = load_model(str(llama_with_tokenizer), dtype="float32", device="cpu")
+    assert lm.tokenizer is not None
+    ids = lm.tokenizer("w5 w6 w7")["input_ids"]
+    assert ids == [5, 6, 7]
+    assert lm.tokenizer.decode(ids) == "w5 w6 w7"
+    assert load_tokenizer(str(llama_with_tokenizer)).vocab_size == VOCAB
+
+
 @pytest.fixture
-def fake_gguf(tiny_dirs: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def fake_gguf(llama_with_tokenizer: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Point the smollm2 conversion at a tiny llama directory and an empty cache, so the
     cache/rename logic is tested without the 20 s GGUF dequantization."""
     import ops.models as models
 
     monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: (str(tiny_dirs["llama"]), None))
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: (str(llama_with_tokenizer), None))
     return tmp_path / "cache"
 
 
@@ -498,6 +530,8 @@ def test_smollm2_conversion_is_cached_atomically(fake_gguf: Path) -> None:
     assert (Path(path) / "model.safetensors").stat().st_mtime_ns == mtime
     info = model_info("smollm2")
     assert (info["model_type"], info["d_mlp"]) == ("llama", 48)
+    lm = load_model("smollm2", dtype="float32", device="cpu")
+    assert lm.path == path and lm.tokenizer is not None and lm.tokenizer.vocab_size == VOCAB
 
 
 def test_smollm2_conversion_keeps_the_race_winner(

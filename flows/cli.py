@@ -1,0 +1,147 @@
+"""``neuronmap`` command line: run a mapping job, query an atlas.
+
+Errors from bad input print one clear line and exit with status 2; query commands
+take ``--json`` for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+# Defaults that keep a laptop run quiet and offline; explicit settings win.
+for _k, _v in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+from flows.config import load_job  # noqa: E402
+from ops.errors import NeuronmapError  # noqa: E402
+from storage.atlas import Atlas, AtlasError  # noqa: E402
+
+SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(counts: list[int], width: int = 64) -> str:
+    """Histogram as one line of block characters (log-scaled counts)."""
+    import numpy as np
+
+    c = np.asarray(counts, dtype=np.float64)
+    nz = np.flatnonzero(c)
+    if not nz.size:
+        return ""
+    c = c[nz[0] : nz[-1] + 1]
+    if len(c) > width:
+        c = np.add.reduceat(c, np.linspace(0, len(c), width, endpoint=False).astype(int))
+    v = np.log1p(c) / np.log1p(c.max())
+    return "".join(SPARK[int(round(x * (len(SPARK) - 1)))] for x in v)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    job = load_job(args.job, atlas=args.atlas)
+    if args.workers or args.ray_address:
+        res = job.resources.model_copy(
+            update={k: v for k, v in {"workers": args.workers,
+                                      "ray_address": args.ray_address}.items() if v}  # fmt: skip
+        )
+        job = job.model_copy(update={"resources": res})
+    from flows.pipeline import map_neurons
+
+    out = map_neurons(job, resume=args.resume, overwrite=args.overwrite)
+    path = os.path.abspath(job.atlas)
+    print(f"\natlas: {path}")
+    for row in out["models"]:
+        tps = f"{row['tok_s']:,.0f} tok/s" if row.get("tok_s") else "already complete"
+        print(f"  {row['model']}: {row['tokens']:,} tokens ({tps})")
+    first = job.models[0].name
+    print("query it with:")
+    print(f"  neuronmap info {path}")
+    print(f"  neuronmap neuron {path} {first} 0 0 --k 5")
+    print(f"  python -c \"from storage import Atlas; print(Atlas.open('{path}').models)\"")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = Atlas.open(args.atlas).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"atlas {info['path']}  (schema {info['schema_version']}, updated {info['updated']})")
+    c = info.get("corpus")
+    if c:
+        print(f"corpus: {c['n_tokens']:,} tokens in {c['n_sequences']:,} x {c['seq_len']} "
+              f"sequences, {c['shards']} shards, sources {', '.join(c['sources'])}")  # fmt: skip
+    for name, m in info["models"].items():
+        state = "complete" if m["complete"] else "INCOMPLETE (run --resume)"
+        print(f"model {name}: {m['architecture']} from {m['source']}, {m['n_layers']} layers x "
+              f"{m['d_mlp']} neurons at {m['hook_site']}, {m['dtype']}: {state}")  # fmt: skip
+        for layer, s in m["layers"].items():
+            bar = "█" * int(round(40 * s["dead_frac"]))
+            print(f"  L{layer:>3}  dead {s['dead_frac']:6.1%} {bar:<40} massive {s['massive']:>4}"
+                  f"  mean freq>0 {s['mean_frac_active']:.3f}")  # fmt: skip
+    return 0
+
+
+def cmd_neuron(args: argparse.Namespace) -> int:
+    rec = Atlas.open(args.atlas).neuron(args.model, args.layer, args.index, k=args.k)
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return 0
+    s: dict[str, Any] = rec.stats
+    flags = [f for f in ("dead", "massive") if s.get(f)]
+    print(f"{rec.model} L{rec.layer} N{rec.index}" + (f"  [{', '.join(flags)}]" if flags else ""))
+    print(f"  mean {s['mean']:+.4f}  std {s['var'] ** 0.5:.4f}  skew {s['skew']:+.2f}  "
+          f"kurt {s['kurt']:.2f}  min {s['min']:+.3f}  max {s['max']:+.3f}  "
+          f"freq>0 {s['frac_active']:.3f}  n {s['count']:,}")  # fmt: skip
+    print(f"  histogram (log bins, log counts): {sparkline(s['hist'])}")
+    print("  top examples:")
+    for ex in rec.examples:
+        text = ex.text.replace("\n", "⏎")
+        print(f"  {ex.rank + 1:>3}. {ex.value:+9.3f}  [{ex.source}]  {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neuronmap", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a mapping job (default: SmolLM2 on the bundled corpus)")
+    r.add_argument("job", nargs="?", help="job YAML file (default: the bundled default job)")
+    r.add_argument("--atlas", help="atlas path (overrides the job file)")
+    r.add_argument("--resume", action="store_true", help="continue an unfinished run")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing atlas")
+    r.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    r.add_argument("--workers", type=int, help="number of Ray model workers")
+    r.set_defaults(fn=cmd_run)
+    i = sub.add_parser("info", help="summarise an atlas")
+    i.add_argument("atlas")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+    n = sub.add_parser("neuron", help="one neuron's statistics and top examples")
+    n.add_argument("atlas")
+    n.add_argument("model")
+    n.add_argument("layer", type=int)
+    n.add_argument("index", type=int)
+    n.add_argument("--k", type=int, default=None, help="number of examples (default all)")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(fn=cmd_neuron)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (NeuronmapError, AtlasError) as e:
+        print(f"neuronmap: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Recording: Ray ``ModelWorker`` actors and the driver that feeds them corpus shards.
+
+The driver runs inside a Prefect task. It starts ``resources.workers`` actors (each
+loads the model once; one GPU each when Ray sees GPUs, one torch thread each on CPU),
+keeps at most ``inflight_per_worker`` shards queued per actor, and records each shard
+in the manifest as soon as its partial is persisted. Workers read their tokens from
+the atlas and write their partials and sample rows themselves, so only shard indices
+and small summaries cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from flows.config import JobConfig, ModelConfig
+from ops.models import capture_mlp, forward_until, load_model
+from ops.stats import NeuronAccumulator, StatsPartial, hist_spec
+from storage.atlas import Atlas
+
+
+def _partials_to_arrays(parts: Sequence[StatsPartial]) -> dict[str, np.ndarray]:
+    """Stack one StatsPartial per layer into arrays with a leading layer axis."""
+    out = {name: np.stack([getattr(p, name) for p in parts]) for name in StatsPartial.ARRAYS}
+    out["n"] = np.asarray(parts[0].n, dtype=np.int64)
+    return out
+
+
+class ShardRecorder:
+    """Everything a worker does for one model; plain Python so tests and benches can call it."""
+
+    def __init__(self, model: ModelConfig, job: JobConfig, atlas_path: str, layers: list[int],
+                 sample_layers: list[int], device: str | None = None):  # fmt: skip
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per worker per load is noise in the driver
+        self.name = model.name
+        self.loaded = load_model(model.source, dtype=model.dtype, device=device,
+                                 revision=model.revision, with_tokenizer=False)  # fmt: skip
+        self.atlas = Atlas.open(atlas_path, mode="r+")
+        self.layers = layers
+        self.sample_layers = [layer for layer in sample_layers if layer in layers]
+        self.rec = job.record
+        self.spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
+        self.seq_len = int(self.atlas.corpus.attrs["seq_len"])
+        self.per_shard = self.atlas.sample_rows_per_shard()
+        self.sample_positions = self.atlas.corpus["sample_positions"][...]
+
+    def record(self, shard: int) -> dict[str, Any]:
+        """Record one shard: stream its batches through the model, persist the partial."""
+        t0 = time.perf_counter()
+        start, _ = self.atlas.shard_ranges()[shard]
+        tokens, mask = self.atlas.read_shard(shard)
+        dev = self.loaded.device
+        d = self.loaded.d_mlp
+        accs = {L: NeuronAccumulator(d, self.rec.topk, self.spec, dev) for L in self.layers}
+        sample_pos = self.sample_positions[shard * self.per_shard : (shard + 1) * self.per_shard]
+        samples = {L: np.zeros((self.per_shard, d), np.float16) for L in self.sample_layers}
+        state: dict[str, Any] = {}
+
+        def on_act(layer: int, act: torch.Tensor) -> None:
+            acc = accs.get(layer)
+            if acc is None:
+                return
+            flat = act.reshape(-1, act.shape[-1])
+            acc.update(flat.index_select(0, state["rows"]), state["positions"])
+            if layer in samples and state["sample_src"].numel():
+                samples[layer][state["sample_dst"]] = (
+                    flat.index_select(0, state["sample_src"]).to(torch.float16).cpu().numpy()
+                )
+
+        bs = self.rec.batch_size
+        last = max(self.layers)
+        n_tok = 0
+        with capture_mlp(self.loaded, self.layers, on_act):
+            for a in range(0, len(tokens), bs):
+                ids = tokens[a : a + bs]
+                m = mask[a : a + bs]
+                flat_pos = (start + a) * self.seq_len + np.arange(ids.size, dtype=np.int64)
+                rows = np.flatnonzero(m.reshape(-1))
+                state["rows"] = torch.from_numpy(rows).to(dev)
+                state["positions"] = torch.from_numpy(flat_pos[rows]).to(dev)
+                # sample rows that fall in this batch
+                lo, hi = flat_pos[0], flat_pos[-1] + 1
+                hit = np.flatnonzero((sample_pos >= lo) & (sample_pos < hi))
+                state["sample_src"] = torch.from_numpy(sample_pos[hit] - lo).to(dev)
+                state["sample_dst"] = hit
+                n_tok += len(rows)
+                if len(rows) == 0:
+                    continue
+                attn = torch.from_numpy(ids != -1)  # every position is attended (pads are right)
+                forward_until(self.loaded, torch.from_numpy(ids.astype(np.int64)),
+                              attn.to(torch.int64), last)  # fmt: skip
+        parts = [accs[L].partial() for L in self.layers]
+        self.atlas.write_partial(self.name, shard, _partials_to_arrays(parts))
+        for L, rows_ in samples.items():
+            self.atlas.write_sample(self.name, L, shard, rows_)
+        dt = time.perf_counter() - t0
+        return {"shard": shard, "tokens": n_tok, "seconds": dt, "pid": os.getpid()}
+
+
+@ray.remote
+class ModelWorker:
+    """A Ray actor holding one model; records shards on request."""
+
+    def __init__(self, *args: Any, threads: int | None = None, **kwargs: Any):
+        if threads:
+            torch.set_num_threads(threads)
+        self.recorder = ShardRecorder(*args, **kwargs)
+
+    def record(self, shard: int) -> dict[str, Any]:
+        return self.recorder.record(shard)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+
+def ensure_ray(address: str | None, workers: int) -> None:
+    """Connect to ``address``/``$RAY_ADDRESS``, or start an in-process local cluster."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=True)  # fmt: skip
+
+
+def drive(
+    job: JobConfig,
+    model: ModelConfig,
+    atlas_path: str,
+    layers: list[int],
+    sample_layers: list[int],
+    shards: Sequence[int],
+    on_done: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Record ``shards`` on Ray workers; ``on_done`` runs in the driver as each shard lands."""
+    res = job.resources
+    ensure_ray(res.ray_address, res.workers)
+    gpus = res.gpus if res.gpus != "auto" else ray.cluster_resources().get("GPU", 0) >= 1
+    n_workers = max(1, min(res.workers, len(shards)))
+    opts: dict[str, Any] = {
+        "max_restarts": res.max_restarts,
+        "max_task_retries": res.max_restarts,  # a shard is idempotent: safe to redo
+        "num_cpus": 1,
+        "num_gpus": 1 if gpus else 0,
+    }
+    actors = [
+        ModelWorker.options(**opts).remote(
+            model, job, atlas_path, layers, sample_layers,
+            device="cuda" if gpus else "cpu", threads=None if gpus else 1,
+        )  # fmt: skip
+        for _ in range(n_workers)
+    ]
+    ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
+    todo = list(shards)
+    inflight: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
+    load = {i: 0 for i in range(n_workers)}
+    owner: dict[ray.ObjectRef, int] = {}
+    results: list[dict[str, Any]] = []
+    try:
+        while todo or inflight:
+            for i, actor in enumerate(actors):
+                while todo and load[i] < res.inflight_per_worker:
+                    ref = actor.record.remote(todo.pop(0))
+                    inflight[ref] = actor
+                    owner[ref] = i
+                    load[i] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                inflight.pop(ref)
+                load[owner.pop(ref)] -= 1
+                out = ray.get(ref)
+                results.append(out)
+                on_done(out)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results
