@@ -1,0 +1,246 @@
+"""The map_neurons flow end to end on real Ray workers, the Prefect harness and Zarr.
+
+The atlas is checked against a float64 numpy computation over activations captured
+independently (plain forward pre-hooks, no neuronmap code on the capture path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from flows.config import parse_job
+from ops.errors import CorpusError, ModelError
+from ops.stats import bin_index_np
+from storage.atlas import Atlas, AtlasError
+
+LAYERS = [0, 1, 2]
+
+
+def _job(atlas: Path, model_dir: Path, **over) -> dict:
+    job = {
+        "atlas": str(atlas),
+        "corpus": {"source": "bundled", "seq_len": 24, "max_tokens": 2500,
+                   "shard_sequences": 16},
+        "models": [{"name": "tiny", "source": str(model_dir), "dtype": "float32"}],
+        "layers": "all",
+        "record": {"topk": 6, "hist_bins": 32, "hist_min": 1e-3, "hist_max": 10.0,
+                   "batch_size": 4, "sample_tokens": 200},
+        "resources": {"workers": 2},
+    }  # fmt: skip
+    for k, v in over.items():
+        job[k] = {**job[k], **v} if isinstance(v, dict) and isinstance(job.get(k), dict) else v
+    return job
+
+
+def _run(job: dict, **kw):
+    from flows.pipeline import map_neurons
+
+    return map_neurons(parse_job(job), **kw)
+
+
+def _arrays(path: Path) -> dict[str, bytes]:
+    """Every stored array of the atlas as bytes, keyed by path (for bitwise comparison)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+
+    def walk(g, prefix):
+        for name, a in g.arrays():
+            out[f"{prefix}{name}"] = np.ascontiguousarray(a[...]).tobytes()
+        for name, sub in g.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(root, "")
+    return out
+
+
+def _reference_activations(model_dir: Path, atlas: Atlas, batch: int) -> dict[int, np.ndarray]:
+    """Activations of every layer for every token, in the atlas's shard/batch layout."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    acts: dict[int, list[np.ndarray]] = {i: [] for i in LAYERS}
+    hooks = [
+        model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+            lambda _m, args, i=i: acts[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).numpy().copy())
+        )
+        for i in LAYERS
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run
+    try:
+        for s in range(len(atlas.shard_ranges())):
+            tokens, mask = atlas.read_shard(s)
+            for a in range(0, len(tokens), batch):
+                ids = torch.from_numpy(tokens[a : a + batch].astype(np.int64))
+                with torch.no_grad():
+                    model(input_ids=ids)
+    finally:
+        torch.set_num_threads(threads)
+        for h in hooks:
+            h.remove()
+    return {i: np.concatenate(v) for i, v in acts.items()}
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness) -> Path:
+    path = tmp_path_factory.mktemp("atlas") / "a.zarr"
+    out = _run(_job(path, tiny_model_dir))
+    assert out["models"][0]["tokens"] > 2000
+    return path
+
+
+def test_atlas_matches_float64_numpy(mapped: Path, tiny_model_dir: Path) -> None:
+    atlas = Atlas.open(mapped)
+    assert atlas.models == ["tiny"] and atlas.layers("tiny") == LAYERS
+    mask = atlas.corpus["mask"][...].reshape(-1)
+    positions = np.flatnonzero(mask)
+    acts = _reference_activations(tiny_model_dir, atlas, batch=4)
+    sample_pos = atlas.corpus["sample_positions"][...]
+    for layer in LAYERS:
+        x = acts[layer][mask]
+        x64 = x.astype(np.float64)
+        st = atlas.stats("tiny", layer)
+        mean = x64.mean(0)
+        c = x64 - mean
+        var = (c**2).mean(0)
+        assert st["count"][0] == len(x) == atlas.corpus.attrs["n_tokens"]
+        np.testing.assert_allclose(st["mean"], mean, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(st["var"], var, rtol=1e-5)
+        np.testing.assert_allclose(st["skew"], (c**3).mean(0) / var**1.5, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(st["kurt"], (c**4).mean(0) / var**2, rtol=1e-4)
+        np.testing.assert_allclose(st["min"], x.min(0), rtol=1e-6)
+        np.testing.assert_allclose(st["max"], x.max(0), rtol=1e-6)
+        np.testing.assert_allclose(st["frac_active"], (x > 0).mean(0), atol=2 / len(x))
+        bins = bin_index_np(x, st["hist_edges"])
+        ref_hist = np.stack([np.bincount(bins[:, j], minlength=32) for j in range(x.shape[1])])
+        np.testing.assert_array_equal(st["hist"], ref_hist)
+        # top-k: canonical order (value desc, then position asc), exact
+        vals = atlas.model_group("tiny")["layers"][str(layer)]["topk"]["values"][...]
+        pos = atlas.model_group("tiny")["layers"][str(layer)]["topk"]["positions"][...]
+        order = np.lexsort((np.broadcast_to(positions[:, None], x.shape), -x64), axis=0)[:6].T
+        np.testing.assert_array_equal(pos, positions[order])
+        np.testing.assert_array_equal(vals, np.take_along_axis(x.T, order, 1))
+        full = acts[layer]
+        assert mask[pos].all()  # never a BOS or pad position
+        # the stored sample holds the activations at the sampled positions (float16)
+        sample = atlas.model_group("tiny")["layers"][str(layer)]["sample"][...]
+        ok = sample_pos >= 0
+        assert ok.sum() >= 200
+        np.testing.assert_allclose(sample[ok], full[sample_pos[ok]].astype(np.float16), rtol=1e-3)
+        assert mask[sample_pos[ok]].all()
+
+
+def test_one_worker_equals_two_workers(mapped: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "one.zarr"
+    _run(_job(other, tiny_model_dir, resources={"workers": 1}))
+    a, b = _arrays(mapped), _arrays(other)
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k] != b[k]]
+    assert not different, different
+
+
+def test_completed_rerun_is_a_noop(mapped: Path, tiny_model_dir: Path) -> None:
+    before = _arrays(mapped)
+    out = _run(_job(mapped, tiny_model_dir))
+    assert out["models"][0]["tokens"] == 0  # nothing recorded or merged again
+    assert _arrays(mapped) == before
+
+
+def test_kill_and_resume_gives_the_same_atlas(
+    mapped: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Kill a real `neuronmap run` mid-recording, resume it, compare with the clean run."""
+    path = tmp_path / "killed.zarr"
+    job = _job(path, tiny_model_dir, resources={"workers": 1})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)  # its own ephemeral server, like a user's shell
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(job_file)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    manifest = path / "_manifest" / "zarr.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if manifest.exists():
+                shards = json.loads(manifest.read_text())["attributes"].get("record/tiny", {})
+                if len(shards.get("shards", [])) >= 2:
+                    break
+            assert proc.poll() is None, "run finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard recorded in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    atlas = Atlas.open(path)
+    assert not atlas.model_attrs("tiny").get("complete")
+    n_done = len(atlas.done("record/tiny")["shards"])
+    assert 2 <= n_done < len(atlas.shard_ranges())
+    with pytest.raises(AtlasError, match="--resume"):
+        _run(job)
+    _run(job, resume=True)
+    a, b = _arrays(mapped), _arrays(path)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def _tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_bad_inputs_give_clear_errors_and_leave_atlas_untouched(
+    mapped: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    before = _tree_hash(mapped)
+    # a different corpus against the existing atlas
+    with pytest.raises(AtlasError, match="different corpus"):
+        _run(_job(mapped, tiny_model_dir, corpus={"seq_len": 16}))
+    # an unknown model: named in the error, atlas not created
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelError, match="no-such-model"):
+        _run(_job(tmp_path / "x.zarr", missing))
+    assert not (tmp_path / "x.zarr").exists()
+    # an empty corpus
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("\n\n")
+    with pytest.raises(CorpusError):
+        _run(_job(tmp_path / "y.zarr", tiny_model_dir, corpus={"source": str(empty)}))
+    assert not (tmp_path / "y.zarr").exists()
+    # a layer the model does not have
+    with pytest.raises(Exception, match="out of range"):
+        _run(_job(tmp_path / "z.zarr", tiny_model_dir, layers=[0, 7]))
+    assert _tree_hash(mapped) == before
+
+
+def test_neuron_query_decodes_examples(mapped: Path) -> None:
+    atlas = Atlas.open(mapped)
+    rec = atlas.neuron("tiny", 1, 3, k=3)
+    assert len(rec.examples) == 3
+    vals = atlas.model_group("tiny")["layers"]["1"]["topk"]["values"][3, :3]
+    assert [e.value for e in rec.examples] == pytest.approx(vals.tolist())
+    tokens = atlas.corpus["tokens"][...].reshape(-1)
+    for e in rec.examples:
+        assert "[[" in e.text and e.token == atlas.decode([int(tokens[e.position])])
+        assert e.source in atlas.corpus.attrs["source_names"]
