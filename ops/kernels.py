@@ -77,10 +77,10 @@ def _hist_topk_update(
             bits = xi[t, j]
             q = ((bits & 0x7FFFFFFF) >> mshift) - base + 1
             q = min(max(q, 0), half - 1)
-            if v < 0:
-                hist[j, half - 1 - q] += 1
-            else:
-                hist[j, half + q] += 1
+            # branch-free sign: activations are ~50% negative, a branch mispredicts half the
+            # time; q ^ -1 = -q - 1 maps bin q to its mirror half - 1 - q
+            neg = -np.int64(v < 0)
+            hist[j, half + (q ^ neg)] += 1
             if v >= vals[j, k - 1]:
                 k32 = bits if bits >= 0 else bits ^ 0x7FFFFFFF
                 if k32 == -1:  # -0.0 sorts as +0.0

@@ -275,6 +275,11 @@ class Atlas:
         """One shard's rows of a layer's sample: exactly one chunk, written by one worker."""
         per = self.sample_rows_per_shard()
         arr = self.model_group(model)["layers"][str(layer)]["sample"]
+        if rows.shape != (per, arr.shape[1]):  # zarr would silently broadcast or truncate
+            raise AtlasError(
+                f"sample rows of shard {shard} for {model!r} L{layer} have shape {rows.shape}, "
+                f"expected {(per, arr.shape[1])}"
+            )
         arr[shard * per : (shard + 1) * per] = rows.astype(np.float16)
 
     # ------------------------------------------------------------------ partials

@@ -142,7 +142,7 @@ def test_neuron_text(atlas_path: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert "top examples:" in out
     ex_lines = [ln for ln in lines if "[[" in ln]
     assert len(ex_lines) == 2
-    assert ex_lines[0].split() [:3] == ["1.", "+5.000", "[shakespeare]"]
+    assert ex_lines[0].split()[:3] == ["1.", "+5.000", "[shakespeare]"]
     assert ex_lines[0].endswith(" the café[[.]]")
     assert ex_lines[1].endswith(" the[[ cat]] sat on the cat")
 
@@ -210,7 +210,9 @@ def test_run_bad_job_writes_nothing(
     assert not (tmp_path / "from_file.zarr").exists()
 
 
-def test_run_unknown_key_and_bad_model_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_unknown_key_and_bad_model_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "typo.yaml"
     bad.write_text(
         "atlas: " + str(tmp_path / "a.zarr") + "\n"

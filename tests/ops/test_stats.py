@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +99,7 @@ def test_shard_merge_equals_one_pass(backend: str) -> None:
     spec = hist_spec(32, 1e-2, 1e2)
     one = finalize(_run(x, positions, 5, spec, backend))
     cuts = [0, 100, 1500, 1501, 3000]
-    parts = [_run(x[a:b], positions[a:b], 5, spec, backend) for a, b in zip(cuts, cuts[1:])]
+    parts = [_run(x[a:b], positions[a:b], 5, spec, backend) for a, b in pairwise(cuts)]
     merged_part = merge_partials(parts)
     merged = finalize(merged_part)
     for key, rtol in (("mean", 1e-9), ("var", 1e-7), ("skew", 1e-5), ("kurt", 1e-5)):
