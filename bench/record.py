@@ -105,7 +105,9 @@ def main() -> None:
           f"{args.threads} thread(s), {loaded.n_layers} layers x {loaded.d_mlp} neurons hooked")  # fmt: skip
     print(f"positions per round {positions:,} (valid, recorded: {n_valid:,})")
     for k in ("bare", "trunk", "record"):
-        print(f"  {k:<7} {positions / med[k]:8.0f} positions/s  (median of {args.rounds}: {med[k]:.2f} s)")
+        print(
+            f"  {k:<7} {positions / med[k]:8.0f} positions/s  (median of {args.rounds}: {med[k]:.2f} s)"
+        )
     print(f"RATIO record / bare forward  = {med['bare'] / med['record']:.3f}   (goal >= 0.90)")
     print(f"RATIO record / trunk forward = {med['trunk'] / med['record']:.3f}   (same forward cut, "
           "so this is the pure cost of hooks + statistics)")  # fmt: skip
@@ -115,8 +117,10 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "flows.cli", "run", "--atlas", str(out)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        print(f"default job wall time: {time.perf_counter() - t:.0f} s "
-              f"({Atlas.open(out).corpus.attrs['n_tokens']:,} tokens)")
+        print(
+            f"default job wall time: {time.perf_counter() - t:.0f} s "
+            f"({Atlas.open(out).corpus.attrs['n_tokens']:,} tokens)"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, atlas=args.atlas)
     if args.workers or args.ray_address:
         res = job.resources.model_copy(
-            update={k: v for k, v in {"workers": args.workers,
-                                      "ray_address": args.ray_address}.items() if v}  # fmt: skip
+            update={
+                k: v
+                for k, v in {"workers": args.workers, "ray_address": args.ray_address}.items()
+                if v
+            }  # fmt: skip
         )
         job = job.model_copy(update={"resources": res})
     from flows.pipeline import map_neurons

@@ -155,7 +155,9 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
     return dict(atlas.corpus.attrs)
 
 
-def resolve_layers(job: JobConfig, model: ModelConfig, n_layers: int) -> tuple[list[int], list[int]]:
+def resolve_layers(
+    job: JobConfig, model: ModelConfig, n_layers: int
+) -> tuple[list[int], list[int]]:
     """Layers to record and to sample, checked against the model."""
     layers = list(range(n_layers)) if job.layers == "all" else list(job.layers)
     bad = [i for i in layers if i >= n_layers]

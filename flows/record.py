@@ -32,6 +32,14 @@ def _partials_to_arrays(parts: Sequence[StatsPartial]) -> dict[str, np.ndarray]:
     return out
 
 
+def attention_mask(mask: np.ndarray) -> np.ndarray:
+    """Attend to every position up to a row's last recorded one (BOS included, right pads not).
+
+    ``mask`` excludes BOS as well as padding; padding is always at the end of a row.
+    """
+    return np.flip(np.logical_or.accumulate(np.flip(mask, 1), axis=1), 1).astype(np.int64)
+
+
 class ShardRecorder:
     """Everything a worker does for one model; plain Python so tests and benches can call it."""
 
@@ -94,9 +102,8 @@ class ShardRecorder:
                 n_tok += len(rows)
                 if len(rows) == 0:
                     continue
-                attn = torch.from_numpy(ids != -1)  # every position is attended (pads are right)
                 forward_until(self.loaded, torch.from_numpy(ids.astype(np.int64)),
-                              attn.to(torch.int64), last)  # fmt: skip
+                              torch.from_numpy(attention_mask(m)), last)  # fmt: skip
         parts = [accs[L].partial() for L in self.layers]
         self.atlas.write_partial(self.name, shard, _partials_to_arrays(parts))
         for L, rows_ in samples.items():
@@ -156,8 +163,13 @@ def drive(
     }
     actors = [
         ModelWorker.options(**opts).remote(
-            model, job, atlas_path, layers, sample_layers,
-            device="cuda" if gpus else "cpu", threads=None if gpus else 1,
+            model,
+            job,
+            atlas_path,
+            layers,
+            sample_layers,
+            device="cuda" if gpus else "cpu",
+            threads=None if gpus else 1,
         )  # fmt: skip
         for _ in range(n_workers)
     ]

@@ -177,7 +177,10 @@ class StatsPartial:
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> StatsPartial:
-        return cls(n=int(np.asarray(a["n"]).reshape(-1)[0]), **{name: np.asarray(a[name]) for name in cls.ARRAYS})
+        return cls(
+            n=int(np.asarray(a["n"]).reshape(-1)[0]),
+            **{name: np.asarray(a[name]) for name in cls.ARRAYS},
+        )
 
 
 def _moments_merge(
@@ -340,7 +343,9 @@ class NeuronAccumulator:
         torch.minimum(self.vmin, bmin, out=self.vmin)
         torch.maximum(self.vmax, bmax, out=self.vmax)
         self.n_pos += (x > 0).sum(0)
-        flat = bin_index(x, self.spec) + torch.arange(self.d, device=x.device)[None] * self.spec.bins
+        flat = (
+            bin_index(x, self.spec) + torch.arange(self.d, device=x.device)[None] * self.spec.bins
+        )
         counts = torch.bincount(flat.view(-1), minlength=self.d * self.spec.bins)
         self.hist += counts.view(self.d, self.spec.bins).to(torch.int32)
         # top-k: only values reaching the current k-th (or, before k are seen, the batch's

@@ -440,7 +440,15 @@ class Atlas:
                     }
             out["models"][m] = {
                 k: ma.get(k)
-                for k in ("source", "architecture", "n_layers", "d_mlp", "hook_site", "dtype",
-                          "complete", "tokens_per_second")  # fmt: skip
+                for k in (
+                    "source",
+                    "architecture",
+                    "n_layers",
+                    "d_mlp",
+                    "hook_site",
+                    "dtype",
+                    "complete",
+                    "tokens_per_second",
+                )  # fmt: skip
             } | {"layers": layers}
         return out

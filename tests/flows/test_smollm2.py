@@ -33,7 +33,12 @@ def test_smollm2_maps_into_a_queryable_atlas(tmp_path: Path, ray_cluster, prefec
     st = atlas.stats("smollm2", 29)
     assert st["mean"].shape == (1536,) and np.isfinite(st["var"]).all()
     assert (st["hist"].sum(1) == st["count"]).all()
-    assert set(atlas.corpus.attrs["source_names"]) == {"wiki-en", "wiki-es", "wiki-fr", "shakespeare"}
+    assert set(atlas.corpus.attrs["source_names"]) == {
+        "wiki-en",
+        "wiki-es",
+        "wiki-fr",
+        "shakespeare",
+    }
     # the strongest example of the strongest neuron decodes to readable text
     j = int(np.argmax(st["max"]))
     rec = atlas.neuron("smollm2", 29, j, k=3)
