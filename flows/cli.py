@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -64,10 +65,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         tps = f"{row['tok_s']:,.0f} tok/s" if row.get("tok_s") else "already complete"
         print(f"  {row['model']}: {row['tokens']:,} tokens ({tps})")
     first = job.models[0].name
+    exe = shutil.which("neuronmap") or os.path.join(os.path.dirname(sys.executable), "neuronmap")
+    exe = os.path.relpath(exe) if exe.startswith(os.getcwd()) else exe
     print("query it with:")
-    print(f"  neuronmap info {path}")
-    print(f"  neuronmap neuron {path} {first} 0 0 --k 5")
-    print(f"  python -c \"from storage import Atlas; print(Atlas.open('{path}').models)\"")
+    print(f"  {exe} info {path}")
+    print(f"  {exe} neuron {path} {first} 5 10 --k 5")
+    py = (
+        os.path.relpath(sys.executable)
+        if sys.executable.startswith(os.getcwd())
+        else sys.executable
+    )
+    print(f"  {py} -c \"from storage import Atlas; print(Atlas.open('{path}').models)\"")
     return 0
 
 
@@ -144,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NeuronmapError, AtlasError) as e:
         print(f"neuronmap: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `neuronmap info ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
