@@ -77,7 +77,7 @@ class ShardRecorder:
             if acc is None:
                 return
             flat = act.reshape(-1, act.shape[-1])
-            acc.update(flat.index_select(0, state["rows"]), state["positions"])
+            acc.update_rows(flat, state["rows"], state["positions"])
             if layer in samples and state["sample_src"].numel():
                 samples[layer][state["sample_dst"]] = (
                     flat.index_select(0, state["sample_src"]).to(torch.float16).cpu().numpy()

@@ -20,86 +20,83 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps ops 
     AVAILABLE = False
 
 
-def _moments_update(
-    x: np.ndarray,  # float32 [T, d]
-    shift: np.ndarray,  # float64 [d]
-    s: np.ndarray,  # float64 [4, d]   Σ c, Σ c², Σ c³, Σ c⁴ with c = x - shift
-    vmin: np.ndarray,  # float32 [d]
-    vmax: np.ndarray,  # float32 [d]
-    npos: np.ndarray,  # int64 [d]
-) -> None:
-    """Shifted power sums, min, max and count of x > 0, token-major so the neuron loop vectorises.
-
-    fastmath lets LLVM vectorise across neurons; each neuron's sums still run over tokens
-    in order, so the result is reproducible run to run.
-    """
-    t_n, d = x.shape
-    s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
-    for t in range(t_n):
-        row = x[t]
-        for j in range(d):
-            v = row[j]
-            c = np.float64(v) - shift[j]
-            c2 = c * c
-            s0[j] += c
-            s1[j] += c2
-            s2[j] += c2 * c
-            s3[j] += c2 * c2
-            vmin[j] = min(vmin[j], v)
-            vmax[j] = max(vmax[j], v)
-            npos[j] += 1 if v > 0 else 0
+def _row_moments(x, shift, s0, s1, s2, s3, vmin, vmax, npos):  # noqa: ANN001, ANN202
+    """Shifted power sums, min, max and count of x > 0 of one token row (vectorises over d)."""
+    for j in range(x.shape[0]):
+        v = x[j]
+        c = np.float64(v) - shift[j]
+        c2 = c * c
+        s0[j] += c
+        s1[j] += c2
+        s2[j] += c2 * c
+        s3[j] += c2 * c2
+        vmin[j] = min(vmin[j], v)
+        vmax[j] = max(vmax[j], v)
+        npos[j] += 1 if v > 0 else 0
 
 
-def _hist_topk_update(
-    x: np.ndarray,  # float32 [T, d]
-    xi: np.ndarray,  # the same memory viewed as int32
-    positions: np.ndarray,  # int64 [T]  flat token positions (< 2**31)
-    hist: np.ndarray,  # int32 [d, bins]  (per shard: < 2**31 tokens)
-    half: int,
-    base: int,
-    mshift: int,
-    keys: np.ndarray,  # int64 [d, k]  sorted descending, EMPTY_KEY padded (see ops.stats)
-    vals: np.ndarray,  # float32 [d, k]  the values of keys (-inf where empty)
-) -> None:
-    """Histogram counts by bit pattern, and streaming top-k by insertion.
+def _row_bins(x, xi, half, base, mshift, out):  # noqa: ANN001, ANN202
+    """Histogram bin of each value from its bit pattern (vectorises; see ops.stats.HistSpec)."""
+    for j in range(x.shape[0]):
+        q = ((xi[j] & 0x7FFFFFFF) >> mshift) - base + 1
+        q = min(max(q, 0), half - 1)
+        neg = -np.int64(x[j] < 0)  # q ^ -1 = -q - 1: bin q mirrored to half - 1 - q
+        out[j] = half + (q ^ neg)
 
-    The threshold rises as the top-k fills, so after the first few hundred tokens almost
-    no activation gets past the single float compare. Keys are unique (value bits and
-    position), so the result is the canonical top-k whatever the visiting order.
-    """
-    t_n, d = x.shape
+
+def _row_rest(x, xi, rpos, hist, bins, keys, vals):  # noqa: ANN001, ANN202
+    """Histogram scatter, and streaming top-k by insertion (rarely past the float compare)."""
+    d = x.shape[0]
     k = keys.shape[1]
+    for j in range(d):
+        hist[j, bins[j]] += 1
+    for j in range(d):
+        v = x[j]
+        if v >= vals[j, k - 1]:
+            bits = xi[j]
+            k32 = bits if bits >= 0 else bits ^ 0x7FFFFFFF
+            if k32 == -1:  # -0.0 sorts as +0.0
+                k32 = 0
+            key = (np.int64(k32) << 31) | rpos
+            if key > keys[j, k - 1]:
+                i = k - 1
+                while i > 0 and keys[j, i - 1] < key:
+                    keys[j, i] = keys[j, i - 1]
+                    vals[j, i] = vals[j, i - 1]
+                    i -= 1
+                keys[j, i] = key
+                vals[j, i] = v
+
+
+def _update_rows(act, wide, rows, positions, shift, s, vmin, vmax, npos, hist, half, base,
+                 mshift, keys, vals, scratch, bins):  # noqa: ANN001, ANN202  # fmt: skip
+    """Statistics of ``act[rows]`` (float32, or bfloat16 bits as int16) in one pass.
+
+    Each row is widened to float32 into an L1-resident scratch row, so bfloat16
+    activations are read once from the model's own buffer with no gather or cast copy.
+    """
+    xf = scratch.view(np.float32)
+    xi = scratch.view(np.int32)
     pos_mask = np.int64(2**31 - 1)
-    for t in range(t_n):
-        rpos = pos_mask - positions[t]
-        for j in range(d):
-            v = x[t, j]
-            bits = xi[t, j]
-            q = ((bits & 0x7FFFFFFF) >> mshift) - base + 1
-            q = min(max(q, 0), half - 1)
-            # branch-free sign: activations are ~50% negative, a branch mispredicts half the
-            # time; q ^ -1 = -q - 1 maps bin q to its mirror half - 1 - q
-            neg = -np.int64(v < 0)
-            hist[j, half + (q ^ neg)] += 1
-            if v >= vals[j, k - 1]:
-                k32 = bits if bits >= 0 else bits ^ 0x7FFFFFFF
-                if k32 == -1:  # -0.0 sorts as +0.0
-                    k32 = 0
-                key = (np.int64(k32) << 31) | rpos
-                if key > keys[j, k - 1]:
-                    i = k - 1
-                    while i > 0 and keys[j, i - 1] < key:
-                        keys[j, i] = keys[j, i - 1]
-                        vals[j, i] = vals[j, i - 1]
-                        i -= 1
-                    keys[j, i] = key
-                    vals[j, i] = v
+    for r in range(rows.shape[0]):
+        row = act[rows[r]]
+        if wide:
+            for j in range(row.shape[0]):
+                xf[j] = row[j]
+        else:
+            for j in range(row.shape[0]):
+                scratch[j] = (np.uint32(row[j]) & 0xFFFF) << 16
+        _row_moments_jit(xf, shift, s[0], s[1], s[2], s[3], vmin, vmax, npos)
+        _row_bins_jit(xf, xi, half, base, mshift, bins)
+        _row_rest_jit(xf, xi, pos_mask - positions[r], hist, bins, keys, vals)
 
 
 if AVAILABLE:
-    moments_update = numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)(
-        _moments_update
+    _row_moments_jit = numba.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)(
+        _row_moments
     )
-    hist_topk_update = numba.njit(cache=True, nogil=True, boundscheck=False)(_hist_topk_update)
+    _row_bins_jit = numba.njit(nogil=True, boundscheck=False, cache=True)(_row_bins)
+    _row_rest_jit = numba.njit(nogil=True, boundscheck=False, cache=True)(_row_rest)
+    update_rows = numba.njit(nogil=True, boundscheck=False, cache=True)(_update_rows)
 else:  # pragma: no cover
-    moments_update = hist_topk_update = None
+    update_rows = None

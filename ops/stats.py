@@ -163,7 +163,7 @@ class StatsPartial:
     vmin: np.ndarray  # float32 [d]
     vmax: np.ndarray  # float32 [d]
     n_pos: np.ndarray  # int64 [d]   count of x > 0
-    hist: np.ndarray  # int64 [d, bins]
+    hist: np.ndarray  # int32 per shard (< 2**31 tokens), int64 once merged  [d, bins]
     top_values: np.ndarray  # float32 [d, k]  descending, NaN for empty slots
     top_positions: np.ndarray  # int64 [d, k]  -1 for empty slots
 
@@ -230,7 +230,8 @@ def merge_partials(parts: Sequence[StatsPartial]) -> StatsPartial:
         raise ValueError("merge_partials needs at least one partial")
     acc = parts[0]
     n, mean, m2, m3, m4 = acc.n, acc.mean, acc.m2, acc.m3, acc.m4
-    vmin, vmax, n_pos, hist = acc.vmin.copy(), acc.vmax.copy(), acc.n_pos.copy(), acc.hist.copy()
+    vmin, vmax, n_pos = acc.vmin.copy(), acc.vmax.copy(), acc.n_pos.copy()
+    hist = acc.hist.astype(np.int64)  # shard partials count in int32
     for p in parts[1:]:
         n, mean, m2, m3, m4 = _moments_merge(n, mean, m2, m3, m4, p.n, p.mean, p.m2, p.m3, p.m4)
         np.fmin(vmin, p.vmin, out=vmin)
@@ -315,17 +316,29 @@ class NeuronAccumulator:
         self.keys = torch.full((d, k), EMPTY_KEY, dtype=torch.int64, device=dev)
         # numba path: values of ``keys`` (the kernel compares floats, then keys on a hit)
         self._vals = np.full((d, k), -np.inf, dtype=np.float32)
+        self._scratch = np.empty(d, dtype=np.uint32)  # one widened row (stays in L1)
+        self._bins = np.empty(d, dtype=np.int64)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, positions: torch.Tensor) -> None:
         """Add ``x [T, d]`` (any float dtype) observed at flat token ``positions [T]``."""
-        t = x.shape[0]
+        rows = torch.arange(x.shape[0], device=x.device)
+        self.update_rows(x, rows, positions)
+
+    @torch.no_grad()
+    def update_rows(self, act: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add rows ``act[rows]`` of a ``[N, d]`` activation batch, observed at ``positions``.
+
+        Taking the whole batch plus row indices lets the CPU kernel read the model's
+        bfloat16 buffer in place instead of gathering and widening a copy first.
+        """
+        t = int(rows.shape[0])
         if t == 0:
             return
-        x = x.to(torch.float32).contiguous()
         if self.backend == "numba":
-            mean, b2, b3, b4 = self._pass_numba(x, positions)
+            mean, b2, b3, b4 = self._pass_numba(act, rows, positions)
         else:
+            x = act.index_select(0, rows).to(torch.float32).contiguous()
             mean, b2, b3, b4 = self._pass_torch(x, positions)
         self.n, self.mean, self.m2, self.m3, self.m4 = _moments_merge(
             float(self.n), self.mean, self.m2, self.m3, self.m4, float(t), mean, b2, b3, b4
@@ -361,20 +374,25 @@ class NeuronAccumulator:
             self.keys = topk_merge(self.keys, neuron, cand, self.k)
         return bmean, b2, b3, b4
 
-    def _pass_numba(self, x: torch.Tensor, positions: torch.Tensor):
-        t = x.shape[0]
-        xn = x.numpy()
-        shift = (self.mean if self.n else x[0].to(torch.float64)).numpy()
+    def _pass_numba(self, act: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+        act = act.contiguous()
+        if act.dtype == torch.bfloat16:
+            a, wide = act.view(torch.int16).numpy(), False
+        else:
+            a, wide = act.to(torch.float32).numpy(), True
+        rows_np = rows.to(torch.int64).numpy()
+        # power sums around a value near the mean stay well-scaled: the running mean, or
+        # for the first batch its first row
+        first = act[int(rows_np[0])].to(torch.float64)
+        shift = (self.mean if self.n else first).numpy()
         s = np.zeros((4, self.d), dtype=np.float64)
-        kernels.moments_update(
-            xn, shift, s, self.vmin.numpy(), self.vmax.numpy(), self.n_pos.numpy()
-        )
-        kernels.hist_topk_update(
-            xn, xn.view(np.int32), positions.to(torch.int64).contiguous().numpy(),
-            self.hist.numpy(), self.spec.half, self.spec.base, self.spec.mshift,
-            self.keys.numpy(), self._vals,
+        kernels.update_rows(
+            a, wide, rows_np, positions.to(torch.int64).contiguous().numpy(), shift, s,
+            self.vmin.numpy(), self.vmax.numpy(), self.n_pos.numpy(), self.hist.numpy(),
+            self.spec.half, self.spec.base, self.spec.mshift, self.keys.numpy(), self._vals,
+            self._scratch, self._bins,
         )  # fmt: skip
-        mean, b2, b3, b4 = _centred_from_shifted(s, t, shift)
+        mean, b2, b3, b4 = _centred_from_shifted(s, int(rows_np.shape[0]), shift)
         return tuple(torch.from_numpy(a) for a in (mean, b2, b3, b4))
 
     def partial(self) -> StatsPartial:
@@ -386,6 +404,6 @@ class NeuronAccumulator:
 
         return StatsPartial(
             n=self.n, mean=cpu(self.mean), m2=cpu(self.m2), m3=cpu(self.m3), m4=cpu(self.m4),
-            vmin=cpu(self.vmin), vmax=cpu(self.vmax), n_pos=cpu(self.n_pos), hist=cpu(self.hist).astype(np.int64),
+            vmin=cpu(self.vmin), vmax=cpu(self.vmax), n_pos=cpu(self.n_pos), hist=cpu(self.hist),
             top_values=cpu(tv), top_positions=cpu(tp),
         )  # fmt: skip

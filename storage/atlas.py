@@ -29,12 +29,16 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 SCHEMA_VERSION = 1
 STAT_NAMES = ("count", "mean", "var", "skew", "kurt", "min", "max", "frac_active", "hist",
               "dead", "massive")  # fmt: skip
 _STAT_DTYPES = {"count": "int64", "hist": "int64", "dead": "bool", "massive": "bool",
                 "min": "float32", "max": "float32"}  # fmt: skip
+
+
+_FAST = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
 
 
 class AtlasError(Exception):
@@ -296,7 +300,8 @@ class Atlas:
         sg = g.create_group(name)
         for key, a in arrays.items():
             a = np.asarray(a)
-            sg.create_array(key, data=a if a.ndim else a.reshape(1))
+            # written once, read once by the merge: favour speed over ratio
+            sg.create_array(key, data=a if a.ndim else a.reshape(1), compressors=_FAST)
 
     def read_partial(self, model: str, shard: int) -> dict[str, np.ndarray]:
         try:

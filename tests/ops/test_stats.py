@@ -155,3 +155,26 @@ def test_keys_round_trip_and_order() -> None:
     np.testing.assert_array_equal(vv.numpy(), np.abs(v.numpy()) * np.sign(v.numpy()) + 0.0)
     order = torch.argsort(keys, descending=True)
     assert p[order].tolist() == [0, 2, 10, 7, 8, 3, 2**31 - 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_update_rows_reads_only_selected_rows_in_place(dtype: torch.dtype) -> None:
+    """The kernel's in-place bfloat16/float32 row reads equal the reference on the gathered rows."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    x = torch.from_numpy(_data(t=900, d=53, seed=3)).to(dtype)
+    rows = torch.from_numpy(np.sort(np.random.default_rng(0).choice(900, 500, replace=False)))
+    positions = rows * 7 + 1
+    spec = hist_spec(64, 1e-2, 1e3)
+    a = NeuronAccumulator(53, 9, spec, backend="numba")
+    b = NeuronAccumulator(53, 9, spec, backend="torch")
+    for lo in range(0, 500, 128):  # several batches
+        sl = slice(lo, lo + 128)
+        a.update_rows(x, rows[sl], positions[sl])
+        b.update(x[rows[sl]], positions[sl])
+    pa, pb = a.partial(), b.partial()
+    for name in ("hist", "n_pos", "vmin", "vmax", "top_values", "top_positions"):
+        np.testing.assert_array_equal(getattr(pa, name), getattr(pb, name), err_msg=name)
+    ref = _reference(x[rows].float().numpy(), positions.numpy(), 9, spec.edges())
+    np.testing.assert_allclose(finalize(pa)["var"], ref["var"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(pa.top_positions, ref["top_positions"])
