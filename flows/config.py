@@ -122,6 +122,52 @@ class ResourcesConfig(_Strict):
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a crashed worker actor.")
 
 
+class SeedsConfig(_Strict):
+    """A family of small GPT-2-style models trained from different init seeds (same data order)."""
+
+    name: str = Field("seeds", description="Family name; its models are <name>-s<i> in the atlas.")
+    count: int = Field(3, ge=2, le=64, description="Number of seeds (models) in the family.")
+    layers: int = Field(2, ge=1, le=48, description="Transformer blocks per model.")
+    d_model: int = Field(128, ge=8, description="Residual width.")
+    d_mlp: int = Field(512, ge=8, description="MLP neurons per layer.")
+    n_heads: int = Field(4, ge=1, description="Attention heads.")
+    vocab_size: int = Field(
+        1024,
+        ge=300,
+        le=65536,
+        description="BPE vocabulary trained for the family (512-4096 is cheap).",
+    )
+    seq_len: int = Field(128, ge=8, description="Training context length.")
+    train_tokens: int = Field(600_000, ge=1000, description="Training tokens per seed.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine decay, warmup).")
+    base_seed: int = Field(0, description="Seed i is initialised with base_seed + i.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="Autocast dtype for training on CPU (bf16 is ~2x faster here)."
+    )
+
+
+class UniversalityConfig(_Strict):
+    """Cross-model neuron correlations (the "universal neurons" analysis)."""
+
+    family: str | None = Field(None, description="Compare the models of this trained family.")
+    models: list[str] | None = Field(None, description="Or: names of job models to compare.")
+    threshold: float = Field(0.5, description="universal = excess correlation above this.")
+    baseline: Literal["rotation"] = Field(
+        "rotation", description="Baseline: random orthogonal rotation of the other model's neurons."
+    )
+    keep_full: bool = Field(False, description="Store the full correlation matrices too.")
+    seed: int = Field(0, description="Seed of the random rotations.")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> UniversalityConfig:
+        if (self.family is None) == (self.models is None):
+            raise ValueError("give exactly one of 'family' or 'models'")
+        if self.models is not None and len(self.models) < 2:
+            raise ValueError("'models' needs at least two model names")
+        return self
+
+
 class JobConfig(_Strict):
     atlas: str = Field("./atlas.zarr", description="Atlas directory (Zarr v3).")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
