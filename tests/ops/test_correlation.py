@@ -1,0 +1,132 @@
+"""Streaming correlations against numpy.corrcoef in float64 on the full data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ops.correlation import (
+    BestPartners,
+    CoMomentAccumulator,
+    CoMoments,
+    match,
+    merge_comoments,
+    random_rotation,
+    rotated_pearson,
+)
+
+
+def _pair(t: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((t, 20)).astype(np.float32) * rng.uniform(0.1, 30, 20).astype(
+        np.float32
+    )
+    a += rng.uniform(-50, 50, 20).astype(np.float32)  # |mean| >> std for some neurons
+    b = np.concatenate([a[:, :8] * 0.5 + rng.standard_normal((t, 8)), rng.standard_normal((t, 7))],
+                       axis=1).astype(np.float32)  # fmt: skip
+    a[:, 3] = 7.0  # constant neuron
+    b[:, 10] = 0.0  # dead neuron
+    return a, b
+
+
+def _accumulate(a: np.ndarray, b: np.ndarray, batch: int = 256) -> CoMoments:
+    acc = CoMomentAccumulator(a.shape[1], b.shape[1])
+    for i in range(0, len(a), batch):
+        acc.update(torch.from_numpy(a[i : i + batch]), torch.from_numpy(b[i : i + batch]))
+    return acc.partial()
+
+
+def _corrcoef(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r = np.corrcoef(a.astype(np.float64), b.astype(np.float64), rowvar=False)[
+        : a.shape[1], a.shape[1] :
+    ]
+    return np.nan_to_num(r, nan=0.0)  # numpy gives NaN for constant columns; we promise 0
+
+
+def test_streaming_pearson_equals_corrcoef() -> None:
+    a, b = _pair()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = _corrcoef(a, b)
+    got = _accumulate(a, b).pearson()
+    assert np.abs(got - ref).max() <= 1e-5
+    assert not np.isnan(got).any()
+    assert (got[3] == 0).all() and (got[:, 10] == 0).all()  # constant / dead: 0, not NaN
+
+
+def test_merge_in_any_grouping_equals_one_pass() -> None:
+    a, b = _pair(seed=1)
+    one = _accumulate(a, b, batch=len(a))
+    for cuts in ([0, 1, 999, 2000], [0, 500, 1000, 1500, 2000], [0, 1999, 2000]):
+        parts = [
+            _accumulate(a[x:y], b[x:y], batch=97) for x, y in zip(cuts, cuts[1:], strict=False)
+        ]
+        left = merge_comoments(parts)
+        right = parts[-1]
+        for p in reversed(parts[:-1]):
+            right = p.merge(right)
+        # the merge itself is float64: groupings of the same partials agree to rounding
+        np.testing.assert_allclose(left.c, right.c, rtol=1e-12, atol=1e-9 * np.abs(left.c).max())
+        np.testing.assert_allclose(left.m2_b, right.m2_b, rtol=1e-12)
+        # against one pass, only the float32 batch products differ
+        assert left.n == one.n
+        np.testing.assert_allclose(left.mean_a, one.mean_a, rtol=1e-9, atol=1e-6)
+        assert np.abs(left.pearson() - one.pearson()).max() <= 1e-6
+
+
+def test_permuted_copy_matches_every_neuron_to_its_image() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3000, 40)).astype(np.float32) @ rng.standard_normal((40, 40)).astype(
+        np.float32
+    )
+    perm = rng.permutation(40)
+    b = a[:, perm]  # b[:, j] = a[:, perm[j]]
+    r = _accumulate(a, b).pearson()
+    best = BestPartners.empty(40)
+    best.update(r, layer=0)
+    inv = np.argsort(perm)
+    np.testing.assert_array_equal(best.index, inv)
+    assert best.max_corr.min() > 1 - 1e-6
+    m, corr = match(r)
+    np.testing.assert_array_equal(m, inv)
+    assert corr.min() > 1 - 1e-6
+
+
+def test_best_partner_spans_layers_and_tracks_min() -> None:
+    r0 = np.array([[0.1, 0.9], [0.3, -0.2]])
+    r1 = np.array([[0.95, -0.5, 0.0], [0.2, 0.1, 0.3]])
+    best = BestPartners.empty(2)
+    best.update(r0, 0)
+    best.update(r1, 1)
+    assert best.layer.tolist() == [1, 0] and best.index.tolist() == [0, 0]
+    assert best.max_corr.tolist() == [0.95, 0.3] and best.min_corr.tolist() == [-0.5, -0.2]
+
+
+def test_rotation_baseline_from_moments_equals_direct_computation() -> None:
+    a, b = _pair(seed=3)
+    q = random_rotation(b.shape[1], seed=5)
+    np.testing.assert_allclose(q @ q.T, np.eye(b.shape[1]), atol=1e-12)
+    ab = _accumulate(a, b)
+    bb = _accumulate(b, b)
+    got = rotated_pearson(ab, bb.c, q)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = _corrcoef(a, (b.astype(np.float64) @ q))
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_reduced_precision_products_are_cuda_only() -> None:
+    with pytest.raises(ValueError, match="CUDA"):
+        CoMomentAccumulator(3, 3, "cpu", matmul_dtype=torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_accumulator_matches_corrcoef(dtype: torch.dtype) -> None:
+    a, b = _pair(seed=4)
+    acc = CoMomentAccumulator(a.shape[1], b.shape[1], "cuda", matmul_dtype=dtype)
+    for i in range(0, len(a), 256):
+        acc.update(torch.from_numpy(a[i : i + 256]).cuda(), torch.from_numpy(b[i : i + 256]).cuda())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = _corrcoef(a, b)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert np.abs(acc.partial().pearson() - ref).max() <= tol
