@@ -31,6 +31,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from storage.errors import AtlasError
+from storage.universality import UniversalityMixin
+
 SCHEMA_VERSION = 1
 STAT_NAMES = ("count", "mean", "var", "skew", "kurt", "min", "max", "frac_active", "hist",
               "dead", "massive")  # fmt: skip
@@ -39,10 +42,6 @@ _STAT_DTYPES = {"count": "int64", "hist": "int64", "dead": "bool", "massive": "b
 
 
 _FAST = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
-
-
-class AtlasError(Exception):
-    """The atlas is missing, incomplete, or does not hold what was asked for."""
 
 
 def _now() -> str:
@@ -81,7 +80,7 @@ class NeuronRecord:
         return asdict(self)
 
 
-class Atlas:
+class Atlas(UniversalityMixin):
     """Read and write access to one atlas. ``Atlas.open(path)`` is the query entry point."""
 
     def __init__(self, root: zarr.Group, path: str):
@@ -217,11 +216,47 @@ class Atlas:
 
     @property
     def models(self) -> list[str]:
+        """Models mapped over this atlas's own corpus (see :attr:`all_models` for families)."""
         return sorted(self.root["models"].group_keys())
+
+    # A family (e.g. seeds trained with their own tokenizer) has its own corpus, so it is a
+    # complete atlas of its own, nested at families/<name>; queries find its models by name.
+
+    @property
+    def families(self) -> list[str]:
+        if "families" not in self.root:
+            return []
+        return sorted(self.root["families"].group_keys())
+
+    def family(self, name: str) -> Atlas:
+        if name not in self.families:
+            raise AtlasError(f"family {name!r} is not in {self.path}; it has {self.families}")
+        return Atlas.open(self.family_path(self.path, name))
+
+    @staticmethod
+    def family_path(path: str | Path, name: str) -> str:
+        return f"{str(path).rstrip('/')}/families/{name}"
+
+    def ensure_families_group(self) -> None:
+        self.root.require_group("families")
+
+    @property
+    def all_models(self) -> list[str]:
+        return self.models + [m for f in self.families for m in self.family(f).models]
+
+    def owner(self, model: str) -> Atlas:
+        """The atlas (this one or a family) that holds ``model``."""
+        if model in self.root["models"]:
+            return self
+        for f in self.families:
+            fam = self.family(f)
+            if model in fam.root["models"]:
+                return fam
+        raise AtlasError(f"model {model!r} is not in {self.path}; it has {self.all_models}")
 
     def model_group(self, model: str) -> zarr.Group:
         if model not in self.root["models"]:
-            raise AtlasError(f"model {model!r} is not in {self.path}; it has {self.models}")
+            return self.owner(model).root["models"][model]
         return self.root["models"][model]
 
     def model_attrs(self, model: str) -> dict[str, Any]:
@@ -343,6 +378,8 @@ class Atlas:
 
     def stats(self, model: str, layer: int) -> dict[str, np.ndarray]:
         """All per-neuron statistics of one layer (small arrays, read whole)."""
+        if model not in self.root["models"]:
+            return self.owner(model).stats(model, layer)
         lg = self.model_group(model)["layers"]
         if str(layer) not in lg:
             raise AtlasError(
@@ -355,6 +392,8 @@ class Atlas:
     def neuron(self, model: str, layer: int, index: int, k: int | None = None,
                context: int = 12) -> NeuronRecord:  # fmt: skip
         """Statistics and top-``k`` examples of one neuron, decoded with the atlas vocabulary."""
+        if model not in self.root["models"]:  # a family's model: its own corpus decodes it
+            return self.owner(model).neuron(model, layer, index, k, context)
         self._require_complete(model)
         lg = self.model_group(model)["layers"]
         if str(layer) not in lg:
@@ -456,4 +495,8 @@ class Atlas:
                     "tokens_per_second",
                 )  # fmt: skip
             } | {"layers": layers}
+        if self.families:
+            out["families"] = {f: self.family(f).info() for f in self.families}
+        if "universality" in self.root:
+            out["universality"] = self.universality_overview()
         return out
