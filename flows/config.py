@@ -175,6 +175,30 @@ class JobConfig(_Strict):
     layers: Literal["all"] | list[int] = Field("all", description="Layers to record.")
     record: RecordConfig = Field(default_factory=RecordConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    seeds: SeedsConfig | None = Field(
+        None, description="Train a seed family on the job's corpus and map it too."
+    )
+    universality: UniversalityConfig | None = Field(
+        None, description="Cross-model correlations (default with seeds: over the family)."
+    )
+
+    @model_validator(mode="after")
+    def _universality_targets(self) -> JobConfig:
+        u = self.universality
+        if u is None:
+            return self
+        if u.family is not None and (self.seeds is None or self.seeds.name != u.family):
+            raise ValueError(
+                f"universality.family {u.family!r} needs a 'seeds' section with that name"
+            )
+        if u.models is not None:
+            names = {m.name for m in self.models}
+            unknown = [m for m in u.models if m not in names]
+            if unknown:
+                raise ValueError(
+                    f"universality.models {unknown} are not job models {sorted(names)}"
+                )
+        return self
 
     @field_validator("models")
     @classmethod

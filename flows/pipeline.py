@@ -11,31 +11,20 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE as NO_CACHE
 from tqdm.auto import tqdm
 
 import flows
-from flows.config import JobConfig, JobConfigError, ModelConfig
+from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
 from flows.record import drive
+from flows.tasks import TASK
 from ops.corpus import bundled_documents, read_documents, tokenize_documents, vocab_bytes
-from ops.errors import NeuronmapError
 from ops.models import load_tokenizer, model_info
 from ops.stats import StatsPartial, finalize, hist_spec, merge_partials
 from storage.atlas import Atlas, AtlasError
-
-
-def _retryable(_task: Any, _run: Any, state: Any) -> bool:
-    """Retrying cannot fix bad input; it can fix a lost worker or a flaky filesystem."""
-    return not isinstance(state.data, NeuronmapError | AtlasError)
-
-
-TASK = dict(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1, retry_condition_fn=_retryable)
-
 
 # ------------------------------------------------------------------ fingerprints
 
@@ -172,6 +161,8 @@ def resolve_layers(
         raise JobConfigError(
             f"field 'record.sample_layers': {sorted(set(sl) - set(layers))} are not recorded layers"
         )
+    if job.record.sample_tokens == 0:
+        sample = []
     return layers, sample
 
 
@@ -269,20 +260,24 @@ def merge_model(job: JobConfig, model: ModelConfig, prep: dict, rec: dict) -> di
     return {"merged": True, "tokens": int(acc.n), "dead_frac": dead_frac}
 
 
-def _summary_markdown(job: JobConfig, rows: list[dict]) -> str:
+def _summary_markdown(job: JobConfig, rows: list[dict], uni: dict | None) -> str:
     lines = [f"# neuronmap: {job.atlas}", "", "| model | tokens | tok/s | dead frac per layer |",
              "|---|---|---|---|"]  # fmt: skip
     for r in rows:
         dead = ", ".join(f"L{k}: {v:.3f}" for k, v in (r.get("dead_frac") or {}).items())
         tps = f"{r['tok_s']:,.0f}" if r.get("tok_s") else "-"
         lines.append(f"| {r['model']} | {r.get('tokens', 0):,} | {tps} | {dead or 'unchanged'} |")
+    if uni:
+        lines += ["", "## Universality", "",
+                  f"universal neurons: **{100 * uni['universal_frac']:.2f}%** "
+                  f"(mean best-partner r {uni['mean_max_corr']:.3f}, rotation baseline "
+                  f"{uni['baseline']:.3f}, mean excess {uni['mean_excess_corr']:.3f}, "
+                  f"{uni['tokens']:,} tokens)"]  # fmt: skip
     return "\n".join(lines)
 
 
-@flow(name="map_neurons", log_prints=True)
-def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Map every MLP neuron of the job's models over its corpus into the atlas."""
-    t0 = time.perf_counter()
+def _map_models(job: JobConfig, resume: bool, overwrite: bool) -> tuple[dict, list[dict]]:
+    """Corpus, then record and merge every model of ``job`` (one atlas, one tokenizer)."""
     corpus = prepare_corpus(job, resume=resume, overwrite=overwrite)
     rows = []
     for model in job.models:
@@ -292,7 +287,59 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
         rows.append({"model": model.name, "tokens": merged.get("tokens", 0),
                      "tok_s": rec["tokens"] / rec["seconds"] if rec["seconds"] else None,
                      "dead_frac": merged.get("dead_frac")})  # fmt: skip
-    create_markdown_artifact(_summary_markdown(job, rows), key="neuronmap-summary",
+    return corpus, rows
+
+
+def family_job(job: JobConfig, models: list[dict]) -> JobConfig:
+    """The sub-job mapping a trained family into its own atlas inside the job's atlas."""
+    assert job.seeds is not None
+    return JobConfig(
+        atlas=Atlas.family_path(job.atlas, job.seeds.name),
+        corpus=job.corpus,
+        models=[ModelConfig(name=m["name"], source=m["source"]) for m in models],
+        layers="all",
+        record=job.record.model_copy(update={"sample_tokens": 0, "sample_layers": "all"}),
+        resources=job.resources,
+    )
+
+
+def _universality(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig) -> dict:
+    from flows.universality import merge_correlations, record_correlations
+
+    atlas = Atlas.open(job.atlas)
+    fp = job.fingerprint(
+        "universality", cfg.model_dump_json(),
+        *(atlas.model_attrs(m.name)["fingerprint"] for m in models),
+    )  # fmt: skip
+    record_correlations(job, models, fp)
+    return merge_correlations(job, models, cfg, fp)
+
+
+@flow(name="map_neurons", log_prints=True)
+def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Map every MLP neuron of the job's models over its corpus into the atlas.
+
+    With a ``seeds`` section, also train (or reuse) the seed family, map it into
+    ``families/<name>`` of the same atlas, and compare its members' neurons.
+    """
+    t0 = time.perf_counter()
+    corpus, rows = _map_models(job, resume, overwrite)
+    uni = None
+    if job.seeds is not None:
+        from flows.seeds import train_seeds
+
+        fam = train_seeds(job.seeds, texts_source=job.corpus.source, subsets=job.corpus.subsets,
+                          ray_address=job.resources.ray_address)  # fmt: skip
+        fjob = family_job(job, fam["models"])
+        Atlas.open(job.atlas, mode="r+").ensure_families_group()
+        rows += _map_models(fjob, resume, overwrite=False)[1]
+        ucfg = job.universality or UniversalityConfig(family=job.seeds.name)
+        uni = _universality(fjob, list(fjob.models), ucfg)
+    elif job.universality is not None:
+        assert job.universality.models is not None
+        chosen = [m for m in job.models if m.name in job.universality.models]
+        uni = _universality(job, chosen, job.universality)
+    create_markdown_artifact(_summary_markdown(job, rows, uni), key="neuronmap-summary",
                              description=f"map_neurons into {job.atlas}")  # fmt: skip
     return {"atlas": job.atlas, "corpus_tokens": corpus["n_tokens"], "models": rows,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+            "universality": uni, "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from flows.config import JobConfig, ModelConfig
+from flows.config import JobConfig, ModelConfig, ResourcesConfig
 from ops.models import capture_mlp, forward_until, load_model
 from ops.stats import NeuronAccumulator, StatsPartial, hist_spec
 from storage.atlas import Atlas
@@ -141,6 +141,55 @@ def ensure_ray(address: str | None, workers: int) -> None:
                  ignore_reinit_error=True, log_to_driver=True)  # fmt: skip
 
 
+def run_shards(
+    actor_cls: Any,
+    args: tuple,
+    kwargs: dict[str, Any],
+    shards: Sequence[int],
+    resources: ResourcesConfig,
+    on_done: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Feed ``shards`` to ``resources.workers`` actors of ``actor_cls`` with bounded in-flight work.
+
+    The actor class needs ``ready()`` and ``record(shard)``; ``on_done`` runs in the
+    driver as each shard lands, in completion order (merges later use shard order).
+    """
+    ensure_ray(resources.ray_address, resources.workers)
+    gpus = resources.gpus
+    if gpus == "auto":
+        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    n_workers = max(1, min(resources.workers, len(shards)))
+    opts: dict[str, Any] = {
+        "max_restarts": resources.max_restarts,
+        "max_task_retries": resources.max_restarts,  # a shard is idempotent: safe to redo
+        "num_cpus": 1,
+        "num_gpus": 1 if gpus else 0,
+    }
+    kw = {**kwargs, "device": "cuda" if gpus else "cpu", "threads": None if gpus else 1}
+    actors = [actor_cls.options(**opts).remote(*args, **kw) for _ in range(n_workers)]
+    ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
+    todo = list(shards)
+    inflight: dict[Any, int] = {}
+    load = [0] * n_workers
+    results: list[dict[str, Any]] = []
+    try:
+        while todo or inflight:
+            for i, actor in enumerate(actors):
+                while todo and load[i] < resources.inflight_per_worker:
+                    inflight[actor.record.remote(todo.pop(0))] = i
+                    load[i] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                load[inflight.pop(ref)] -= 1
+                out = ray.get(ref)
+                results.append(out)
+                on_done(out)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results
+
+
 def drive(
     job: JobConfig,
     model: ModelConfig,
@@ -150,51 +199,6 @@ def drive(
     shards: Sequence[int],
     on_done: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
-    """Record ``shards`` on Ray workers; ``on_done`` runs in the driver as each shard lands."""
-    res = job.resources
-    ensure_ray(res.ray_address, res.workers)
-    gpus = res.gpus if res.gpus != "auto" else ray.cluster_resources().get("GPU", 0) >= 1
-    n_workers = max(1, min(res.workers, len(shards)))
-    opts: dict[str, Any] = {
-        "max_restarts": res.max_restarts,
-        "max_task_retries": res.max_restarts,  # a shard is idempotent: safe to redo
-        "num_cpus": 1,
-        "num_gpus": 1 if gpus else 0,
-    }
-    actors = [
-        ModelWorker.options(**opts).remote(
-            model,
-            job,
-            atlas_path,
-            layers,
-            sample_layers,
-            device="cuda" if gpus else "cpu",
-            threads=None if gpus else 1,
-        )  # fmt: skip
-        for _ in range(n_workers)
-    ]
-    ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
-    todo = list(shards)
-    inflight: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
-    load = {i: 0 for i in range(n_workers)}
-    owner: dict[ray.ObjectRef, int] = {}
-    results: list[dict[str, Any]] = []
-    try:
-        while todo or inflight:
-            for i, actor in enumerate(actors):
-                while todo and load[i] < res.inflight_per_worker:
-                    ref = actor.record.remote(todo.pop(0))
-                    inflight[ref] = actor
-                    owner[ref] = i
-                    load[i] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                inflight.pop(ref)
-                load[owner.pop(ref)] -= 1
-                out = ray.get(ref)
-                results.append(out)
-                on_done(out)
-    finally:
-        for a in actors:
-            ray.kill(a)
-    return results
+    """Record ``shards`` of one model on Ray ``ModelWorker`` actors."""
+    return run_shards(ModelWorker, (model, job, atlas_path, layers, sample_layers), {}, shards,
+                      job.resources, on_done)  # fmt: skip

@@ -50,6 +50,11 @@ class CoMoments:
             c=self.c + o.c + np.outer(da, db) * f,
         )
 
+    @property
+    def T(self) -> CoMoments:  # noqa: N802 - as numpy's .T
+        """The same moments seen from b's side."""
+        return CoMoments(self.n, self.mean_b, self.mean_a, self.m2_b, self.m2_a, self.c.T)
+
     def pearson(self) -> np.ndarray:
         """r of every (a, b) pair; dead neurons of either side give 0."""
         return pearson(self.c, self.m2_a, self.m2_b, constant(self.m2_a, self.mean_a, self.n),

@@ -1,0 +1,139 @@
+"""Universality stage end to end (Ray + Prefect + Zarr) on tiny models sharing a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows.config import parse_job
+from storage.atlas import Atlas
+
+
+def _permuted_copy(src: Path, dst: Path, seed: int) -> np.ndarray:
+    """A copy whose MLP neurons are permuted per layer: same function, neurons relabelled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    perms = []
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            p = torch.randperm(mlp.down_proj.in_features, generator=g)
+            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[p])
+            mlp.up_proj.weight.copy_(mlp.up_proj.weight[p])
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, p])
+            perms.append(p.numpy())
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return np.stack(perms)  # copy neuron j = original neuron perm[j]
+
+
+def _other_seed(src: Path, dst: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(123)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
+@pytest.fixture(scope="module")
+def uni_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
+    from flows.pipeline import map_neurons
+
+    root = tmp_path_factory.mktemp("uni")
+    perm = _permuted_copy(tiny_model_dir, root / "perm", seed=7)
+    _other_seed(tiny_model_dir, root / "other")
+    job = parse_job({
+        "atlas": str(root / "a.zarr"),
+        "corpus": {"seq_len": 24, "max_tokens": 2000, "shard_sequences": 24},
+        "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"},
+                   {"name": "perm", "source": str(root / "perm"), "dtype": "float32"},
+                   {"name": "other", "source": str(root / "other"), "dtype": "float32"}],
+        "record": {"topk": 4, "hist_bins": 16, "batch_size": 8},
+        "universality": {"models": ["base", "perm", "other"], "keep_full": True, "threshold": 0.2},
+        "resources": {"workers": 2},
+    })  # fmt: skip
+    out = map_neurons(job)
+    return root / "a.zarr", perm, out
+
+
+def _activations(model_dir: Path, atlas: Atlas) -> np.ndarray:
+    """All layers' MLP activations at the recorded positions, [T, L*d], float64 (plain hooks)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = atlas.corpus["tokens"][...]
+    mask = atlas.corpus["mask"][...].reshape(-1)
+    acts = {i: [] for i in range(len(model.model.layers))}
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda _m, a, i=i: acts[i].append(a[0].reshape(-1, a[0].shape[-1]).detach().numpy())
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(tokens.astype(np.int64)))
+    for h in hooks:
+        h.remove()
+    return np.concatenate([np.concatenate(acts[i])[mask] for i in sorted(acts)], 1).astype(np.float64)
+
+
+def test_full_correlations_equal_numpy_corrcoef(uni_atlas, tiny_model_dir) -> None:
+    path, _, _ = uni_atlas
+    atlas = Atlas.open(path)
+    a = _activations(tiny_model_dir, atlas)
+    b = _activations(path.parent / "other", atlas)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.nan_to_num(np.corrcoef(a, b, rowvar=False)[: a.shape[1], a.shape[1] :])
+    got = atlas.pair("base", "other")["corr"]
+    assert got.shape == ref.shape == (3 * 48, 3 * 48)
+    assert np.abs(got - ref).max() <= 1e-5
+    # best partners are the row maxima of that matrix
+    p = atlas.pair("base", "other")
+    np.testing.assert_allclose(p["max_corr"].reshape(-1), ref.max(1), atol=1e-5)
+    np.testing.assert_allclose(p["min_corr"].reshape(-1), ref.min(1), atol=1e-5)
+    flat = p["partner_layer"].reshape(-1) * 48 + p["partner_index"].reshape(-1)
+    np.testing.assert_allclose(ref[np.arange(len(flat)), flat], ref.max(1), atol=1e-5)
+
+
+def test_permuted_copy_matches_every_neuron_to_its_image(uni_atlas) -> None:
+    path, perm, _ = uni_atlas
+    atlas = Atlas.open(path)
+    p = atlas.pair("base", "perm")
+    inv = np.argsort(perm, axis=1)  # base neuron i is copy neuron inv[i]
+    live = p["max_corr"] > 0  # constant neurons correlate 0 and have no defined partner
+    assert live.mean() > 0.9
+    assert np.allclose(p["max_corr"][live], 1.0, atol=1e-5)
+    np.testing.assert_array_equal(p["partner_layer"][live], np.nonzero(live)[0])
+    np.testing.assert_array_equal(p["partner_index"][live], inv[live])
+    for layer in range(3):
+        m, corr = atlas.matching("base", "perm", layer)
+        np.testing.assert_array_equal(m[live[layer]], inv[layer][live[layer]])
+        assert np.nanmin(corr[live[layer]]) > 1 - 1e-5
+    # the rotation baseline is far below the identical-copy correlation
+    assert p["baseline_max_corr"][live].mean() < 0.9
+
+
+def test_family_summary_and_labels(uni_atlas) -> None:
+    path, _, out = uni_atlas
+    atlas = Atlas.open(path)
+    s = atlas.universality_summary("base")[1]
+    pb = atlas.pair("base", "perm")["max_corr"][1]
+    po = atlas.pair("base", "other")["max_corr"][1]
+    np.testing.assert_allclose(s["mean_max_corr"], (pb + po) / 2)
+    np.testing.assert_allclose(s["max_max_corr"], np.maximum(pb, po))
+    base = (atlas.pair("base", "perm")["baseline_max_corr"][1]
+            + atlas.pair("base", "other")["baseline_max_corr"][1]) / 2  # fmt: skip
+    np.testing.assert_allclose(s["excess_corr"], s["mean_max_corr"] - base)
+    np.testing.assert_array_equal(s["universal"], (s["excess_corr"] > 0.2) & ~s["dead"])
+    assert not np.isnan(s["excess_corr"]).any()
+    uni = out["universality"]
+    assert 0 <= uni["universal_frac"] <= 1 and uni["tokens"] == atlas.corpus.attrs["n_tokens"]
+    rows = atlas.universal_neurons(model="base", top=5)
+    assert rows and all(r["excess_corr"] > 0.2 for r in rows)
+    assert {q["model"] for q in rows[0]["partners"]} == {"perm", "other"}
+    assert "[[" in rows[0]["examples"][0]
