@@ -119,6 +119,48 @@ def cmd_neuron(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_universal(args: argparse.Namespace) -> int:
+    atlas = Atlas.open(args.atlas)
+    overview = atlas.universality_overview()
+    if not overview:
+        raise AtlasError(f"{args.atlas} has no universality results (add a 'seeds' or "
+                         "'universality' section to the job)")  # fmt: skip
+    holders = [atlas] + [atlas.family(f) for f in atlas.families]
+    meta = next((h.attrs["universality"] for h in holders if "universality" in h.attrs), {})
+    rows = atlas.universal_neurons(model=args.model, top=args.top)
+    if args.json:
+        print(json.dumps({"overview": overview, "summary": meta, "neurons": rows}, indent=2))
+        return 0
+    if meta:
+        print(f"universal neurons: {100 * meta['universal_frac']:.2f}% of all neurons "
+              f"(mean best-partner r {meta['mean_max_corr']:.3f} vs rotation baseline "
+              f"{meta['baseline']:.3f}; {meta['tokens']:,} tokens)")  # fmt: skip
+    for m, per in overview.items():
+        if args.model and m != args.model:
+            continue
+        for layer, s in per.items():
+            bar = "█" * int(round(40 * s["universal_frac"]))
+            print(f"  {m} L{layer:<3} universal {s['universal_frac']:6.1%} {bar:<40} "
+                  f"r {s['mean_max_corr']:.3f}  baseline {s['baseline']:.3f}")  # fmt: skip
+    comp = meta.get("comparison")
+    if comp:
+        feats = [f for f in comp["universal"] if f != "count"]
+        print("\n  " + f"{'':<15}" + "".join(f"{f:>12}" for f in ["count", *feats]))
+        for g in ("universal", "non_universal"):
+            vals = [comp[g]["count"], *(comp[g][f] for f in feats)]
+            print("  " + f"{g:<15}" + "".join(f"{v:>12.3f}" if isinstance(v, float) else f"{v:>12}"
+                                             for v in vals))  # fmt: skip
+    print()
+    for r in rows:
+        partners = ", ".join(f"{p['model']} L{p['layer']}/{p['index']} r={p['corr']:.2f}"
+                             for p in r["partners"])  # fmt: skip
+        print(f"{r['model']} L{r['layer']} N{r['index']}  excess {r['excess_corr']:+.3f}  "
+              f"(r {r['mean_max_corr']:.3f} vs {r['baseline']:.3f})  partners: {partners}")  # fmt: skip
+        for text in r["examples"]:
+            print(f"      {text.replace(chr(10), '⏎')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuronmap", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--k", type=int, default=None, help="number of examples (default all)")
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=cmd_neuron)
+    u = sub.add_parser("universal", help="universal neurons (cross-seed correlations)")
+    u.add_argument("atlas")
+    u.add_argument("--model", help="only this model")
+    u.add_argument("--top", type=int, default=20, help="how many neurons to list")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(fn=cmd_universal)
     return p
 
 

@@ -100,6 +100,12 @@ class RecordConfig(_Strict):
         100.0, gt=0, description="A neuron is massive when max |activation| reaches this."
     )
     seed: int = Field(0, description="Seed of the activation sample.")
+    properties: bool = Field(
+        True, description="Also store weight-derived neuron properties (norms, vocab composition)."
+    )
+    top_tokens: int = Field(
+        10, ge=1, le=100, description="Promoted/suppressed tokens kept per neuron."
+    )
 
     @model_validator(mode="after")
     def _hist_range(self) -> RecordConfig:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from tqdm.auto import tqdm
@@ -260,6 +261,45 @@ def merge_model(job: JobConfig, model: ModelConfig, prep: dict, rec: dict) -> di
     return {"merged": True, "tokens": int(acc.n), "dead_frac": dead_frac}
 
 
+@ray.remote(num_cpus=1)
+def _properties(source: str, revision: str | None, layers: list[int], top: int) -> dict:
+    """Weight-derived properties of every layer, computed where the model can be loaded."""
+    import torch
+
+    from ops.models import load_model
+    from ops.props import label_neurons, neuron_properties, unembedding
+
+    torch.set_num_threads(1)
+    lm = load_model(source, dtype="float32", device="cpu", revision=revision, with_tokenizer=False)
+    w_u = unembedding(lm.model)
+    out = {}
+    for layer in layers:
+        props = neuron_properties(lm.model, layer, top=top, w_u=w_u)
+        out[layer] = props | {k: v for k, v in label_neurons(props).items() if k != "dead"}
+    return out
+
+
+@task(name="properties", **TASK)
+def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
+    """W_in/W_out norms and cosine, vocabulary composition, prediction/suppression labels."""
+    atlas = Atlas.open(job.atlas, mode="r+")
+    if not job.record.properties or atlas.model_attrs(model.name).get("props_complete"):
+        return {}
+    from flows.record import ensure_ray
+
+    ensure_ray(job.resources.ray_address, job.resources.workers)
+    ref = _properties.remote(model.source, model.revision, prep["layers"], job.record.top_tokens)
+    per_layer = ray.get(ref)
+    counts = {}
+    for layer, arrays in per_layer.items():
+        atlas.write_props(model.name, layer, arrays)
+        counts[layer] = {
+            k: int(arrays[k].sum()) for k in ("prediction", "suppression") if k in arrays
+        }
+    atlas.model_group(model.name).attrs.update({"props_complete": True})
+    return counts
+
+
 def _summary_markdown(job: JobConfig, rows: list[dict], uni: dict | None) -> str:
     lines = [f"# neuronmap: {job.atlas}", "", "| model | tokens | tok/s | dead frac per layer |",
              "|---|---|---|---|"]  # fmt: skip
@@ -284,6 +324,7 @@ def _map_models(job: JobConfig, resume: bool, overwrite: bool) -> tuple[dict, li
         prep = prepare_model(job, model)
         rec = record_model(job, model, prep)
         merged = merge_model(job, model, prep, rec)
+        model_properties(job, model, prep)
         rows.append({"model": model.name, "tokens": merged.get("tokens", 0),
                      "tok_s": rec["tokens"] / rec["seconds"] if rec["seconds"] else None,
                      "dead_frac": merged.get("dead_frac")})  # fmt: skip

@@ -198,6 +198,32 @@ def compute_universality(
     return pair_out, summary
 
 
+COMPARED = (("frac_active", "stats"), ("kurt", "stats"), ("skew", "stats"),
+            ("vocab_kurt", "props"), ("vocab_skew", "props"), ("w_out_norm", "props"),
+            ("cos_in_out", "props"))  # fmt: skip
+
+
+def compare_groups(atlas: Atlas, names: list[str], summary: dict) -> dict[str, dict[str, float]]:
+    """Mean neuron properties of universal vs other live neurons (the seed paper's table)."""
+    groups: dict[str, dict[str, list[np.ndarray]]] = {"universal": {}, "non_universal": {}}
+    for (m, L), s in summary.items():
+        sources = {"stats": atlas.stats(names[m], L), "props": atlas.props(names[m], L)}
+        masks = {"universal": s["universal"], "non_universal": ~s["universal"] & ~s["dead"]}
+        for feat, where in COMPARED:
+            if feat not in sources[where]:
+                continue
+            v = np.asarray(sources[where][feat], dtype=np.float64)
+            for g, mask in masks.items():
+                groups[g].setdefault(feat, []).append(v[mask])
+    out: dict[str, dict[str, float]] = {}
+    for g, feats in groups.items():
+        n = int(sum(len(x) for x in next(iter(feats.values()), [])))
+        out[g] = {"count": n} | {
+            f: float(np.mean(np.concatenate(v))) if n else float("nan") for f, v in feats.items()
+        }
+    return out
+
+
 @task(name="universality-record", **TASK)
 def record_correlations(job: JobConfig, models: list[ModelConfig], fingerprint: str) -> dict:
     """The Ray driver: every shard through every compared model, co-moments persisted per shard."""
@@ -256,7 +282,8 @@ def merge_correlations(job: JobConfig, models: list[ModelConfig], cfg: Universal
     base = float(np.mean([s["baseline"].mean() for s in summary.values()]))
     mean_max = float(np.mean([s["mean_max_corr"].mean() for s in summary.values()]))
     result = {"universal_frac": overall, "mean_max_corr": mean_max, "baseline": base,
-              "mean_excess_corr": excess, "per_layer": frac, "tokens": tokens}  # fmt: skip
+              "mean_excess_corr": excess, "per_layer": frac, "tokens": tokens,
+              "comparison": compare_groups(atlas, names, summary)}  # fmt: skip
     atlas.touch(universality=result)
     atlas.mark("universality/merge", fingerprint, complete=True)
     atlas.drop_partials(WORK)

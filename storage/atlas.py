@@ -310,6 +310,18 @@ class Atlas(UniversalityMixin):
         L["topk"]["values"][...] = top_values
         L["topk"]["positions"][...] = top_positions
 
+    def write_props(self, model: str, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Weight-derived neuron properties and labels (models/<m>/layers/<L>/props/...)."""
+        g = self.model_group(model)["layers"][str(layer)].require_group("props")
+        for k, v in arrays.items():
+            g.create_array(k, data=np.asarray(v), overwrite=True)
+
+    def props(self, model: str, layer: int) -> dict[str, np.ndarray]:
+        L = self.model_group(model)["layers"][str(layer)]
+        if "props" not in L:
+            return {}
+        return {k: L["props"][k][...] for k in L["props"].array_keys()}
+
     def write_sample(self, model: str, layer: int, shard: int, rows: np.ndarray) -> None:
         """One shard's rows of a layer's sample: exactly one chunk, written by one worker."""
         per = self.sample_rows_per_shard()
@@ -412,6 +424,15 @@ class Atlas(UniversalityMixin):
                 stats[name] = np.asarray(st[name][index]).item()
         stats["hist"] = st["hist"][index].tolist()
         stats["hist_edges"] = st["hist_edges"][...].tolist()
+        props = {}
+        if "props" in L:
+            for name in L["props"].array_keys():
+                v = L["props"][name][index]
+                props[name] = v.tolist() if np.ndim(v) else np.asarray(v).item()
+            for key in ("top_promoted", "top_suppressed"):
+                if key in props:
+                    props[key + "_tokens"] = [self.decode([t]) for t in props[key]]
+        stats["props"] = props
         values = L["topk"]["values"][index]
         positions = L["topk"]["positions"][index]
         if k is not None:

@@ -137,3 +137,31 @@ def test_family_summary_and_labels(uni_atlas) -> None:
     assert rows and all(r["excess_corr"] > 0.2 for r in rows)
     assert {q["model"] for q in rows[0]["partners"]} == {"perm", "other"}
     assert "[[" in rows[0]["examples"][0]
+
+
+def test_cli_universal_lists_neurons(uni_atlas, capsys) -> None:
+    import json
+
+    from flows.cli import main
+
+    path, _, _ = uni_atlas
+    assert main(["universal", str(path), "--model", "base", "--top", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["neurons"]) == 3 and out["neurons"][0]["model"] == "base"
+    assert set(out["overview"]) == {"base", "perm", "other"}
+    comp = out["summary"]["comparison"]
+    assert comp["universal"]["count"] > 0 and "vocab_kurt" in comp["universal"]
+    assert main(["universal", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "universal neurons:" in text and "baseline" in text and "[[" in text
+
+
+def test_properties_are_stored_next_to_stats(uni_atlas) -> None:
+    path, perm, _ = uni_atlas
+    atlas = Atlas.open(path)
+    base, cp = atlas.props("base", 0), atlas.props("perm", 0)
+    assert {"w_in_norm", "w_out_norm", "cos_in_out", "vocab_kurt", "prediction"} <= set(base)
+    # the permuted copy has the same neurons in another order
+    np.testing.assert_allclose(cp["w_out_norm"], base["w_out_norm"][perm[0]], rtol=1e-6)
+    rec = atlas.neuron("base", 0, 1, k=1)
+    assert len(rec.stats["props"]["top_promoted_tokens"]) == 10
