@@ -165,3 +165,36 @@ def test_properties_are_stored_next_to_stats(uni_atlas) -> None:
     np.testing.assert_allclose(cp["w_out_norm"], base["w_out_norm"][perm[0]], rtol=1e-6)
     rec = atlas.neuron("base", 0, 1, k=1)
     assert len(rec.stats["props"]["top_promoted_tokens"]) == 10
+
+
+def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_harness, monkeypatch):
+    """A job with a `seeds` section trains the family, maps it into families/<name>, compares it."""
+    from flows.cli import main
+    from flows.pipeline import map_neurons
+
+    monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
+    job = parse_job({
+        "atlas": str(tmp_path / "a.zarr"),
+        "corpus": {"seq_len": 24, "max_tokens": 1500, "shard_sequences": 32},
+        "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"}],
+        "record": {"topk": 4, "hist_bins": 16, "properties": False},
+        "seeds": {"name": "fam", "count": 2, "layers": 1, "d_model": 32, "d_mlp": 64,
+                  "n_heads": 2, "vocab_size": 320, "seq_len": 24, "train_tokens": 20000},
+        "resources": {"workers": 2},
+    })  # fmt: skip
+    out = map_neurons(job)
+    atlas = Atlas.open(tmp_path / "a.zarr")
+    assert atlas.models == ["base"] and atlas.families == ["fam"]
+    assert atlas.all_models == ["base", "fam-s0", "fam-s1"]
+    fam = atlas.family("fam")
+    assert fam.attrs["tokenizer"] != atlas.attrs["tokenizer"]  # its own tokenizer and corpus
+    assert atlas.universality_pairs() == [("fam-s0", "fam-s1"), ("fam-s1", "fam-s0")]
+    s = atlas.universality_summary("fam-s0")[0]
+    assert s["mean_max_corr"].shape == (64,) and out["universality"]["tokens"] > 1000
+    # queries reach family models through the root atlas, decoded with the family's vocabulary
+    rec = atlas.neuron("fam-s1", 0, 5, k=2)
+    assert len(rec.examples) == 2 and "[[" in rec.examples[0].text
+    assert main(["info", str(tmp_path / "a.zarr"), "--json"]) == 0
+    # a rerun reuses the trained seeds and the finished atlas
+    again = map_neurons(job)
+    assert all(r["tokens"] == 0 for r in again["models"])
