@@ -9,6 +9,7 @@ travel through Prefect: tasks pass paths and small summaries.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def _properties(source: str, revision: str | None, layers: list[int], top: int) 
     from ops.models import load_model
     from ops.props import label_neurons, neuron_properties, unembedding
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(os.cpu_count() or 1)  # runs alone: the record workers are gone
     lm = load_model(source, dtype="float32", device="cpu", revision=revision, with_tokenizer=False)
     w_u = unembedding(lm.model)
     out = {}
