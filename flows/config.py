@@ -144,7 +144,9 @@ class SeedsConfig(_Strict):
         description="BPE vocabulary trained for the family (512-4096 is cheap).",
     )
     seq_len: int = Field(128, ge=8, description="Training context length.")
-    train_tokens: int = Field(600_000, ge=1000, description="Training tokens per seed.")
+    train_tokens: int = Field(
+        2_000_000, ge=1000, description="Training tokens per seed (~2M before universality shows)."
+    )
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine decay, warmup).")
     base_seed: int = Field(0, description="Seed i is initialised with base_seed + i.")
