@@ -44,6 +44,22 @@ _STAT_DTYPES = {"count": "int64", "hist": "int64", "dead": "bool", "massive": "b
 _FAST = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
 
 
+def _utf8(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def mark_token(left: bytes, tok: bytes, right: bytes) -> str:
+    """``left[[tok]]right`` as text; a token that is part of a multi-byte character (byte-level
+    BPE splits accents and non-Latin scripts) is widened to the whole character."""
+    full = left + tok + right
+    a, b = len(left), len(left) + len(tok)
+    while 0 < a < len(full) and full[a] & 0xC0 == 0x80:  # continuation byte: step back
+        a -= 1
+    while b < len(full) and full[b] & 0xC0 == 0x80:
+        b += 1
+    return f"{_utf8(full[:a])}[[{_utf8(full[a:b])}]]{_utf8(full[b:])}"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -453,14 +469,15 @@ class Atlas(UniversalityMixin):
         toks = c["tokens"][seq, lo:hi]
         keep = c["mask"][seq, lo:hi]  # drops BOS and padding from the shown context
         j = t - lo
-        left = self.decode(int(x) for x, ok in zip(toks[:j], keep[:j], strict=True) if ok)
-        tok = self.decode([int(toks[j])])
-        right = self.decode(
+        left = self.token_bytes(int(x) for x, ok in zip(toks[:j], keep[:j], strict=True) if ok)
+        tok = self.token_bytes([int(toks[j])])
+        right = self.token_bytes(
             int(x) for x, ok in zip(toks[j + 1 :], keep[j + 1 :], strict=True) if ok
         )
         names = c.attrs["source_names"]
         src = names[int(c["sources"][seq])] if names else ""
-        return Example(rank, value, position, seq, t, tok, f"{left}[[{tok}]]{right}", src)
+        text = mark_token(left, tok, right)
+        return Example(rank, value, position, seq, t, _utf8(tok), text, src)
 
     def _require_complete(self, model: str) -> None:
         if not self.model_attrs(model).get("complete"):

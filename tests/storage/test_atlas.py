@@ -504,3 +504,13 @@ def test_partials_round_trip_overwrite_and_drop(rw: Atlas) -> None:
 def test_touch_updates_attrs(rw: Atlas) -> None:
     rw.touch(note="hi")
     assert Atlas.open(rw.path).attrs["note"] == "hi"
+
+
+def test_mark_token_widens_partial_utf8_characters() -> None:
+    from storage.atlas import mark_token
+
+    assert mark_token(b" caf", b"\xc3", b"\xa9 au lait") == " caf[[é]] au lait"
+    assert mark_token(b" caf\xc3", b"\xa9", b" x") == " caf[[é]] x"
+    assert mark_token(b" the", b" cat", b" sat") == " the[[ cat]] sat"
+    # a 3-byte character split over three tokens, the middle one activating
+    assert mark_token(b"A\xe6", b"\x9d", b"\xb1B") == "A[[東]]B"
