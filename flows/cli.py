@@ -23,6 +23,8 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+import numpy as np  # noqa: E402
+
 from flows.config import load_job  # noqa: E402
 from ops.errors import NeuronmapError  # noqa: E402
 from storage.atlas import Atlas, AtlasError  # noqa: E402
@@ -161,6 +163,49 @@ def cmd_universal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    atlas = Atlas.open(args.atlas)
+    owner = atlas.owner(args.model)
+    g = owner.dictionary(args.model, args.layer, args.method, args.run)
+    meta = dict(g.attrs)
+    if args.feature is None:
+        st = g["stats"]
+        freq = st["frac_active"][...]
+        order = [int(i) for i in np.argsort(-st["max"][...], kind="stable")[: args.top]]
+        rows = [owner.feature(args.model, args.layer, args.method, i, args.run, k=args.k)
+                for i in order]  # fmt: skip
+        if args.json:
+            print(json.dumps({"run": g.basename, "metrics": meta.get("metrics"),
+                              "dead_fraction": float((freq == 0).mean()),
+                              "features": [r.to_dict() for r in rows]}, indent=2))  # fmt: skip
+            return 0
+        print(f"{args.model} L{args.layer} {args.method}/{g.basename}: {len(freq)} features, "
+              f"metrics {json.dumps(meta.get('metrics'))}")  # fmt: skip
+        for r in rows:
+            _print_feature(r)
+        return 0
+    rec = owner.feature(args.model, args.layer, args.method, args.feature, args.run, k=args.k)
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return 0
+    _print_feature(rec)
+    return 0
+
+
+def _print_feature(rec: Any) -> None:
+    s = rec.stats
+    print(f"\n{rec.method}/{rec.run} feature {rec.index}: max {s['max']:.3f}  mean {s['mean']:.4f}"
+          f"  freq>0 {s['frac_active']:.4f}")  # fmt: skip
+    print("  neurons: " + ", ".join(f"N{i} {w:+.2f}" for i, w in rec.neurons))
+    if rec.promoted:
+        print("  promotes: " + " ".join(repr(t) for t in rec.promoted))
+        print("  suppresses: " + " ".join(repr(t) for t in rec.suppressed))
+    for ex in rec.examples:
+        print(
+            f"  {ex.rank + 1:>3}. {ex.value:+8.3f}  [{ex.source}]  {ex.text.replace(chr(10), '⏎')}"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuronmap", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--top", type=int, default=20, help="how many neurons to list")
     u.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_universal)
+    f = sub.add_parser("features", help="SAE / SNMF features of a layer")
+    f.add_argument("atlas")
+    f.add_argument("model")
+    f.add_argument("layer", type=int)
+    f.add_argument("--method", choices=["sae", "snmf"], required=True)
+    f.add_argument("--run", help="run name (default: the only run)")
+    f.add_argument("--feature", type=int, help="one feature (default: the strongest --top)")
+    f.add_argument("--top", type=int, default=5, help="features listed without --feature")
+    f.add_argument("--k", type=int, default=5, help="examples per feature")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=cmd_features)
     return p
 
 

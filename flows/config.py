@@ -176,6 +176,48 @@ class UniversalityConfig(_Strict):
         return self
 
 
+class SAERunConfig(_Strict):
+    """One sparse autoencoder over a layer's MLP activations."""
+
+    name: str = Field("topk", description="Run name: models/<m>/layers/<L>/sae/<name>.")
+    arch: str = Field(
+        "topk", description="Architecture (ops.sae registry): topk, batchtopk, relu, jumprelu."
+    )
+    expansion: int = Field(8, ge=1, description="n_latents = expansion * d_mlp.")
+    k: int = Field(32, ge=1, description="Active latents per token (topk/batchtopk).")
+    l1_coef: float = Field(1e-3, ge=0, description="L1 coefficient (relu).")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(1024, ge=1, description="Tokens per step.")
+    epochs: float = Field(4.0, gt=0, description="Passes over the training tokens.")
+    seed: int = Field(0, description="Init and shuffling seed.")
+
+
+class SNMFRunConfig(_Strict):
+    """One semi-nonnegative matrix factorisation of a layer's MLP activations."""
+
+    name: str = Field("snmf", description="Run name: models/<m>/layers/<L>/snmf/<name>.")
+    k: int = Field(64, ge=1, description="Number of features.")
+    keep_fraction: float = Field(
+        0.01, gt=0, le=1, description="Neurons kept per feature (top |z|)."
+    )
+    iters: int = Field(100, ge=1, description="Maximum alternating iterations.")
+    patience: int = Field(
+        20, ge=1, description="Stop after this many iterations without improvement."
+    )
+    init: Literal["random", "svd", "kmeans"] = Field("svd", description="Initialisation of Z.")
+    seed: int = Field(0, description="Initialisation seed.")
+
+
+class DictionariesConfig(_Strict):
+    """Feature dictionaries learned from the stored activation sample of one model layer."""
+
+    model: str = Field(description="Job model whose activations are factorised.")
+    layer: int = Field(ge=0, description="Layer (must be in record.sample_layers).")
+    sae: list[SAERunConfig] = Field(default_factory=list, description="SAE runs.")
+    snmf: list[SNMFRunConfig] = Field(default_factory=list, description="SNMF runs.")
+    ce_batches: int = Field(4, ge=1, description="Batches used to measure CE loss recovered.")
+
+
 class JobConfig(_Strict):
     atlas: str = Field("./atlas.zarr", description="Atlas directory (Zarr v3).")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -189,6 +231,25 @@ class JobConfig(_Strict):
     universality: UniversalityConfig | None = Field(
         None, description="Cross-model correlations (default with seeds: over the family)."
     )
+    dictionaries: DictionariesConfig | None = Field(
+        None, description="SAE and SNMF dictionaries over one layer's activation sample."
+    )
+
+    @model_validator(mode="after")
+    def _dictionary_target(self) -> JobConfig:
+        d = self.dictionaries
+        if d is None:
+            return self
+        names = [m.name for m in self.models]
+        if d.model not in names:
+            raise ValueError(f"dictionaries.model {d.model!r} is not a job model {names}")
+        sl = self.record.sample_layers
+        if self.record.sample_tokens == 0 or (sl != "all" and d.layer not in sl):
+            raise ValueError(
+                f"dictionaries.layer {d.layer} needs an activation sample: set "
+                "record.sample_tokens > 0 and include the layer in record.sample_layers"
+            )
+        return self
 
     @model_validator(mode="after")
     def _universality_targets(self) -> JobConfig:

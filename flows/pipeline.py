@@ -381,7 +381,13 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
         assert job.universality.models is not None
         chosen = [m for m in job.models if m.name in job.universality.models]
         uni = _universality(job, chosen, job.universality)
+    dicts = None
+    if job.dictionaries is not None:
+        from flows.dictionaries import learn_dictionaries
+
+        dicts = learn_dictionaries(job, job.dictionaries)
     create_markdown_artifact(_summary_markdown(job, rows, uni), key="neuronmap-summary",
                              description=f"map_neurons into {job.atlas}")  # fmt: skip
     return {"atlas": job.atlas, "corpus_tokens": corpus["n_tokens"], "models": rows,
-            "universality": uni, "seconds": time.perf_counter() - t0}  # fmt: skip
+            "universality": uni, "dictionaries": dicts,
+            "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from storage.dictionaries import DictionariesMixin
 from storage.errors import AtlasError
 from storage.universality import UniversalityMixin
 
@@ -96,7 +97,7 @@ class NeuronRecord:
         return asdict(self)
 
 
-class Atlas(UniversalityMixin):
+class Atlas(UniversalityMixin, DictionariesMixin):
     """Read and write access to one atlas. ``Atlas.open(path)`` is the query entry point."""
 
     def __init__(self, root: zarr.Group, path: str):

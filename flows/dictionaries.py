@@ -1,0 +1,295 @@
+"""Dictionaries stage: SAEs and SNMF over one layer's stored activation sample.
+
+* SAE runs train in a Ray task from the sample (a fresh permutation per epoch),
+  checkpointing into the atlas's work area so a killed run resumes.
+* SNMF runs distributed: ``SNMFWorker`` actors each hold some corpus shards' sample rows
+  and their local ``Y``; per iteration the driver sums the shard reductions in shard order
+  and solves for ``Z`` (``ops.snmf.run`` is the one loop, local or on Ray).
+* Every feature then gets neuron-style statistics and top examples over the sample, its
+  strongest neurons, and its logit-lens tokens; SAEs also get the CE loss recovered when
+  their reconstruction is spliced into the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from prefect import get_run_logger, task
+
+from flows.config import DictionariesConfig, JobConfig, SAERunConfig, SNMFRunConfig
+from flows.record import attention_mask, ensure_ray
+from flows.tasks import TASK
+from ops import sae as sae_ops
+from ops import snmf as snmf_ops
+from ops.stats import NeuronAccumulator, finalize, hist_spec
+from storage.atlas import Atlas
+
+
+def sample_by_shard(
+    atlas: Atlas, model: str, layer: int
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(shard, activations [T_s, d] float32, positions [T_s]) for every shard's sample rows."""
+    arr = atlas.model_group(model)["layers"][str(layer)]["sample"]
+    pos = atlas.corpus["sample_positions"][...]
+    per = atlas.sample_rows_per_shard()
+    out = []
+    for s in range(len(atlas.shard_ranges())):
+        p = pos[s * per : (s + 1) * per]
+        ok = p >= 0
+        if ok.any():
+            out.append((s, arr[s * per : (s + 1) * per][ok].astype(np.float32), p[ok]))
+    return out
+
+
+def feature_stats(
+    acts: torch.Tensor, positions: np.ndarray, job: JobConfig
+) -> tuple[dict, Any, Any]:
+    """Neuron-style statistics and top-k of feature activations ``[T, n]`` at ``positions``."""
+    r = job.record
+    acc = NeuronAccumulator(acts.shape[1], r.topk, hist_spec(r.hist_bins, r.hist_min, r.hist_max))
+    pos = torch.from_numpy(positions)
+    for a in range(0, acts.shape[0], 4096):
+        acc.update(acts[a : a + 4096], pos[a : a + 4096])
+    part = acc.partial()
+    stats = finalize(part, r.dead_frequency, r.massive_threshold)
+    return stats, part.top_values, part.top_positions
+
+
+# ------------------------------------------------------------------ SAE
+
+
+def sae_config(run: SAERunConfig, d: int, tokens: int) -> sae_ops.SAEConfig:
+    # a latent that stays silent for a whole pass over the sample counts as dead (AuxK)
+    return sae_ops.SAEConfig(arch=run.arch, d_in=d, n_latents=run.expansion * d, k=run.k,
+                             l1_coef=run.l1_coef, lr=run.lr, batch_size=run.batch_size,
+                             seed=run.seed, dead_after_tokens=tokens)  # fmt: skip
+
+
+@ray.remote(num_cpus=1)
+def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt: str) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    atlas = Atlas.open(atlas_path)
+    shards = sample_by_shard(atlas, model, layer)
+    x = torch.from_numpy(np.concatenate([a for _, a, _ in shards]))
+    cfg = sae_config(run, x.shape[1], len(x))
+    torch.manual_seed(run.seed)
+    sae = sae_ops.build_sae(cfg)
+    sae.init_from(x)
+    steps = max(1, math.ceil(run.epochs * len(x) / run.batch_size))
+
+    def batches(start_step: int):
+        # the stored sample is uniform over the corpus already; a fresh permutation per epoch
+        # mixes it completely, and batch s depends only on (seed, s), so resuming is exact
+        return sae_ops.sample_batches(x, run.batch_size, seed=run.seed, start_step=start_step)
+
+    state = sae_ops.train(sae, batches, steps=steps, checkpoint=ckpt, checkpoint_every=200)
+    m = sae_ops.metrics(sae, x, state)
+    sd = {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()}
+    return {"weights": sd, "metrics": m, "config": cfg.to_dict(), "history": state.history,
+            "steps": state.step}  # fmt: skip
+
+
+def _sae_from(weights: dict, config: dict) -> sae_ops.SAE:
+    sae = sae_ops.build_sae(sae_ops.SAEConfig.from_dict(config))
+    sae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return sae.eval()
+
+
+# ------------------------------------------------------------------ SNMF on Ray
+
+
+@ray.remote
+class SNMFWorker:
+    """Holds some shards' sample rows (as ``A_s [d, T_s]``) and their ``Y_s``."""
+
+    def __init__(self, atlas_path: str, model: str, layer: int, shards: list[int],
+                 cfg: snmf_ops.SNMFConfig, threads: int | None = 1):  # fmt: skip
+        if threads:
+            torch.set_num_threads(threads)
+        atlas = Atlas.open(atlas_path)
+        keep = set(shards)
+        self.parts = {s: torch.from_numpy(a.T.copy()) for s, a, _ in
+                      sample_by_shard(atlas, model, layer) if s in keep}  # fmt: skip
+        self.local = snmf_ops.LocalShards(list(self.parts.values()), cfg)
+        self.order = list(self.parts)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.local, method)(*args)
+
+
+class RayShards:
+    """The ``ops.snmf`` shard interface over several ``SNMFWorker`` actors, in shard order."""
+
+    def __init__(self, actors: list, counts: list[int]):
+        self.actors, self.counts = actors, counts
+
+    def _all(self, method: str, *args: Any) -> list:
+        outs = ray.get([a.call.remote(method, *args) for a in self.actors])
+        return [x for out in outs for x in out]  # actors hold consecutive shard ranges
+
+    def n_tokens(self) -> int:
+        return sum(self.counts)
+
+    def columns(self, idx: np.ndarray) -> torch.Tensor:
+        bounds = np.cumsum([0] + self.counts)
+        cols = []
+        for i, a in enumerate(self.actors):
+            mine = idx[(idx >= bounds[i]) & (idx < bounds[i + 1])] - bounds[i]
+            cols.append(ray.get(a.call.remote("columns", mine)))
+        return torch.cat(cols, dim=1)
+
+    def init(self, z: torch.Tensor) -> None:
+        ray.get([a.call.remote("init", z) for a in self.actors])
+
+    def reductions(self) -> list:
+        return self._all("reductions")
+
+    def step(self, z: torch.Tensor, scale: torch.Tensor) -> list[float]:
+        return self._all("step", z, scale)
+
+    def norms(self) -> list[float]:
+        return self._all("norms")
+
+    def keep_best(self) -> None:
+        ray.get([a.call.remote("keep_best") for a in self.actors])
+
+    def best_y(self) -> list[torch.Tensor]:
+        return self._all("best_y")
+
+
+def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
+                    atlas: Atlas) -> snmf_ops.SNMFResult:  # fmt: skip
+    """SNMF with the tokens spread over ``resources.workers`` actors (shard-aligned)."""
+    cfg = snmf_ops.SNMFConfig(k=run.k, keep_fraction=run.keep_fraction, iters=run.iters,
+                              patience=run.patience, init=run.init, seed=run.seed)  # fmt: skip
+    shards = sample_by_shard(atlas, model, layer)
+    ensure_ray(job.resources.ray_address, job.resources.workers)
+    groups = [g.tolist() for g in np.array_split(np.array([s for s, _, _ in shards]),
+                                                 min(job.resources.workers, len(shards)))]  # fmt: skip
+    counts = {s: len(p) for s, _, p in shards}
+    actors = [SNMFWorker.options(num_cpus=1).remote(job.atlas, model, layer, g, cfg)
+              for g in groups]  # fmt: skip
+    try:
+        backend = RayShards(actors, [sum(counts[s] for s in g) for g in groups])
+        return snmf_ops.run(backend, cfg)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+# ------------------------------------------------------------------ model-side measures
+
+
+def _splice(sae: sae_ops.SAE, act: torch.Tensor) -> torch.Tensor:
+    """The SAE's reconstruction in place of the activation (same shape)."""
+    return sae(act.float().reshape(-1, act.shape[-1]))[0].reshape(act.shape)
+
+
+@ray.remote(num_cpus=1)
+def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[str, np.ndarray],
+                    saes: dict[str, dict]) -> dict:  # fmt: skip
+    """Logit lens of every feature direction, and CE loss recovered for every SAE."""
+    from ops.interventions import next_token_loss, replace_mlp_activation
+    from ops.models import load_model
+    from ops.props import neuron_weights, unembedding, vocab_composition
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = next(m for m in job.models if m.name == dcfg.model)
+    lm = load_model(spec.source, dtype="float32", device="cpu", revision=spec.revision,
+                    with_tokenizer=False)  # fmt: skip
+    _, w_out = neuron_weights(lm.model, dcfg.layer)
+    w_u = unembedding(lm.model)
+    out: dict[str, dict] = {}
+    for key, dirs in directions.items():
+        if w_u is None:
+            break
+        comp = vocab_composition(torch.from_numpy(dirs).float() @ w_out, w_u,
+                                 top=job.record.top_tokens)  # fmt: skip
+        out[key] = {"promoted": comp["top_promoted"], "suppressed": comp["top_suppressed"]}
+    atlas = Atlas.open(job.atlas)
+    tokens, mask = atlas.read_shard(0)
+    bs = job.record.batch_size
+    for key, s in saes.items():
+        sae = _sae_from(s["weights"], s["config"])
+        totals = {"clean": [0.0, 0], "zero": [0.0, 0], "sae": [0.0, 0]}
+        for b in range(dcfg.ce_batches):
+            ids = torch.from_numpy(tokens[b * bs : (b + 1) * bs].astype(np.int64))
+            m = torch.from_numpy(mask[b * bs : (b + 1) * bs])
+            if ids.numel() == 0:
+                break
+            attn = torch.from_numpy(attention_mask(m.numpy()))
+            loss_mask = m & torch.roll(m, -1, dims=1)  # predict a recorded next token
+            for name, fn in (("clean", None), ("zero", torch.zeros_like),
+                             ("sae", partial(_splice, sae))):  # fmt: skip
+                if fn is None:
+                    ce, n = next_token_loss(lm, ids, attn, loss_mask)
+                else:
+                    with replace_mlp_activation(lm, dcfg.layer, fn):
+                        ce, n = next_token_loss(lm, ids, attn, loss_mask)
+                totals[name][0] += ce
+                totals[name][1] += n
+        loss = {k: v[0] / max(v[1], 1) for k, v in totals.items()}
+        out.setdefault(key, {})["ce"] = loss | {
+            "recovered": sae_ops.ce_loss_recovered(loss["clean"], loss["sae"], loss["zero"])
+        }
+    return out
+
+
+# ------------------------------------------------------------------ the task
+
+
+@task(name="dictionaries", **TASK)
+def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
+    """Train every SAE and SNMF run, then store weights, feature stats and metrics."""
+    log = get_run_logger()
+    atlas = Atlas.open(job.atlas, mode="r+")
+    model, layer = dcfg.model, dcfg.layer
+    shards = sample_by_shard(atlas, model, layer)
+    x = torch.from_numpy(np.concatenate([a for _, a, _ in shards]))
+    positions = np.concatenate([p for _, _, p in shards])
+    ensure_ray(job.resources.ray_address, job.resources.workers)
+    work = Path(job.atlas) / "_work" / "dictionaries"
+    work.mkdir(parents=True, exist_ok=True)
+    sae_refs = {run.name: _train_sae.remote(job.atlas, model, layer, run,
+                                            str(work / f"sae-{run.name}.pt"))
+                for run in dcfg.sae}  # fmt: skip
+    snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
+    saes = {name: ray.get(ref) for name, ref in sae_refs.items()}
+    directions = {f"sae/{n}": s["weights"]["W_dec"] for n, s in saes.items()}
+    directions |= {f"snmf/{n}": r.z.numpy().T for n, r in snmf.items()}
+    measures = ray.get(_model_measures.remote(job, dcfg, directions,
+                                              {f"sae/{n}": s for n, s in saes.items()}))  # fmt: skip
+    summary: dict[str, dict] = {}
+    for name, s in saes.items():
+        sae = _sae_from(s["weights"], s["config"])
+        with torch.no_grad():
+            acts = torch.cat([sae.encode(x[a : a + 4096]) for a in range(0, len(x), 4096)])
+        stats, tv, tp = feature_stats(acts, positions, job)
+        meas = measures.get(f"sae/{name}", {})
+        metrics = s["metrics"] | {f"ce_{k}": v for k, v in meas.get("ce", {}).items()}
+        weights = dict(s["weights"])
+        weights |= {k: meas[k] for k in ("promoted", "suppressed") if k in meas}
+        atlas.write_dictionary(model, layer, "sae", name, weights, stats, tv, tp,
+                               {"config": s["config"], "metrics": metrics, "steps": s["steps"],
+                                "history": s["history"][-50:], "tokens": len(x)})  # fmt: skip
+        summary[f"sae/{name}"] = metrics
+        log.info("sae %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+    for name, r in snmf.items():
+        stats, tv, tp = feature_stats(r.y.T.contiguous(), positions, job)
+        meas = measures.get(f"snmf/{name}", {})
+        weights = {"Z": r.z.numpy()} | {k: meas[k] for k in ("promoted", "suppressed") if k in meas}
+        metrics = {"rel_error": r.rel_error, "best_iter": r.best_iter,
+                   "iters": len(r.loss_history), "loss": r.loss_history[r.best_iter]}  # fmt: skip
+        atlas.write_dictionary(model, layer, "snmf", name, weights, stats, tv, tp,
+                               {"metrics": metrics, "loss_history": r.loss_history,
+                                "tokens": len(x)})  # fmt: skip
+        summary[f"snmf/{name}"] = metrics
+        log.info("snmf %s: %s", name, metrics)
+    return summary

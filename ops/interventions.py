@@ -1,0 +1,52 @@
+"""Interventions at an MLP neuron site: replace or shift the activation, measure the LM loss.
+
+Used to score dictionaries causally: the losses behind the CE loss recovered by splicing an
+SAE's reconstruction into the model (``ops.sae.ce_loss_recovered``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ops.models import LoadedModel
+
+Replace = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def replace_mlp_activation(loaded: LoadedModel, layer: int, fn: Replace):
+    """Within the block, the input of ``layer``'s MLP output projection is ``fn(act)``."""
+
+    def hook(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        act = args[0]
+        return (fn(act).to(act.dtype), *args[1:])
+
+    handle = loaded.down_projs()[layer].register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def next_token_loss(
+    loaded: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[float, int]:
+    """Summed next-token cross-entropy over positions where ``loss_mask`` is set, and their count.
+
+    ``loss_mask[b, t]`` marks positions whose *next* token is predicted and counted.
+    """
+    dev = loaded.device
+    out = loaded.model(
+        input_ids=ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False
+    )
+    logits = out.logits[:, :-1].float()
+    target = ids[:, 1:].to(dev)
+    m = loss_mask[:, :-1].to(dev)
+    ce = F.cross_entropy(logits[m], target[m], reduction="sum")
+    return float(ce), int(m.sum())

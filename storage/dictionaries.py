@@ -1,0 +1,126 @@
+"""Feature dictionaries (SAE, SNMF) in the atlas, and feature queries.
+
+Layout, next to a layer's neuron statistics::
+
+    models/<m>/layers/<L>/sae/<run>/{W_enc, b_enc, W_dec, b_dec, promoted, suppressed}
+    models/<m>/layers/<L>/snmf/<run>/{Z, promoted, suppressed}
+    .../<run>/stats/{count, mean, var, ...}, .../<run>/topk/{values, positions}
+    .../<run> attrs: config and metrics (L0, FVU, dead fraction, CE loss recovered, ...)
+
+Every feature gets the same ``stats/`` and ``topk/`` arrays as a neuron, so the same
+example decoding applies; positions index ``corpus/tokens`` like a neuron's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from storage.errors import AtlasError
+
+if TYPE_CHECKING:
+    import zarr
+
+    from storage.atlas import Atlas, Example
+
+METHODS = ("sae", "snmf")
+
+
+@dataclass
+class FeatureRecord:
+    """A dictionary feature: statistics, top examples, strongest neurons, promoted tokens."""
+
+    model: str
+    layer: int
+    method: str
+    run: str
+    index: int
+    stats: dict[str, Any]
+    examples: list[Example] = field(default_factory=list)
+    neurons: list[tuple[int, float]] = field(default_factory=list)  # (neuron, weight), by |w|
+    promoted: list[str] = field(default_factory=list)
+    suppressed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DictionariesMixin:
+    """Dictionary writers and queries of :class:`storage.atlas.Atlas`."""
+
+    def _layer_group(self: Atlas, model: str, layer: int) -> zarr.Group:
+        lg = self.model_group(model)["layers"]
+        if str(layer) not in lg:
+            raise AtlasError(f"layer {layer} of model {model!r} is not in {self.path}")
+        return lg[str(layer)]
+
+    def write_dictionary(
+        self: Atlas, model: str, layer: int, method: str, run: str,
+        weights: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray],
+        top_values: np.ndarray, top_positions: np.ndarray, attrs: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Write one run whole, replacing an earlier run of the same name."""
+        if method not in METHODS:
+            raise AtlasError(f"unknown dictionary method {method!r}; use one of {METHODS}")
+        mg = self._layer_group(model, layer).require_group(method)
+        if run in mg:
+            del mg[run]
+        g = mg.create_group(run)
+        for k, v in weights.items():
+            g.create_array(k, data=np.asarray(v))
+        st = g.create_group("stats")
+        for k, v in stats.items():
+            st.create_array(k, data=np.asarray(v))
+        tk = g.create_group("topk")
+        tk.create_array("values", data=np.asarray(top_values, np.float32))
+        tk.create_array("positions", data=np.asarray(top_positions, np.int64))
+        g.attrs.update(dict(attrs))
+
+    def dictionaries(self: Atlas, model: str, layer: int) -> dict[str, list[str]]:
+        lg = self._layer_group(model, layer)
+        return {m: sorted(lg[m].group_keys()) for m in METHODS if m in lg}
+
+    def dictionary(self: Atlas, model: str, layer: int, method: str, run: str | None = None):
+        """The run's Zarr group (the only run of that method when ``run`` is None)."""
+        runs = self.dictionaries(model, layer).get(method, [])
+        if not runs:
+            raise AtlasError(f"no {method} runs for {model!r} layer {layer} in {self.path}")
+        if run is None:
+            if len(runs) > 1:
+                raise AtlasError(f"several {method} runs ({runs}); pick one with --run")
+            run = runs[0]
+        if run not in runs:
+            raise AtlasError(f"{method} run {run!r} not found; runs: {runs}")
+        return self._layer_group(model, layer)[method][run]
+
+    def feature_directions(self: Atlas, g: zarr.Group, method: str) -> np.ndarray:
+        """Feature directions in neuron space, [n_features, d_mlp]."""
+        return g["W_dec"][...] if method == "sae" else g["Z"][...].T
+
+    def feature(self: Atlas, model: str, layer: int, method: str, index: int,
+                run: str | None = None, k: int | None = 10, neurons: int = 8,
+                context: int = 12) -> FeatureRecord:  # fmt: skip
+        owner = self.owner(model)
+        g = owner.dictionary(model, layer, method, run)
+        n = g["stats"]["mean"].shape[0]
+        if not 0 <= index < n:
+            raise AtlasError(f"feature index {index} out of range: the run has {n} features")
+        stats = {name: np.asarray(g["stats"][name][index]).item()
+                 for name in g["stats"].array_keys() if name not in ("hist", "hist_edges")}  # fmt: skip
+        direction = owner.feature_directions(g, method)[index]
+        order = np.argsort(-np.abs(direction), kind="stable")[:neurons]
+        strongest = [(int(i), float(direction[i])) for i in order if direction[i] != 0]
+        vals, pos = g["topk"]["values"][index], g["topk"]["positions"][index]
+        if k is not None:
+            vals, pos = vals[:k], pos[:k]
+        examples = [owner._example(r, float(v), int(p), context)
+                    for r, (v, p) in enumerate(zip(vals, pos, strict=True)) if p >= 0]  # fmt: skip
+        promoted = [owner.decode([int(t)]) for t in g["promoted"][index]] if "promoted" in g else []
+        suppressed = (
+            [owner.decode([int(t)]) for t in g["suppressed"][index]] if "suppressed" in g else []
+        )
+        return FeatureRecord(model, layer, method, g.basename, index, stats, examples, strongest,
+                             promoted, suppressed)  # fmt: skip

@@ -1,0 +1,110 @@
+"""Dictionaries stage end to end: SAE + distributed SNMF on a tiny model's activation sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows.config import parse_job
+from storage.atlas import Atlas
+
+
+@pytest.fixture(scope="module")
+def dict_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
+    from flows.pipeline import map_neurons
+
+    path = tmp_path_factory.mktemp("dict") / "a.zarr"
+    job = parse_job({
+        "atlas": str(path),
+        "corpus": {"seq_len": 32, "max_tokens": 6000, "shard_sequences": 48},
+        "models": [{"name": "tiny", "source": str(tiny_model_dir), "dtype": "float32"}],
+        "record": {"topk": 5, "hist_bins": 16, "sample_tokens": 3000, "sample_layers": [1]},
+        "dictionaries": {"model": "tiny", "layer": 1, "ce_batches": 2,
+                         "sae": [{"name": "tk", "arch": "topk", "expansion": 2, "k": 4,
+                                  "batch_size": 256, "epochs": 3}],
+                         "snmf": [{"name": "sn", "k": 6, "keep_fraction": 0.2, "iters": 30}]},
+        "resources": {"workers": 2},
+    })  # fmt: skip
+    out = map_neurons(job)
+    return path, job, out
+
+
+def _sample(atlas: Atlas) -> tuple[np.ndarray, np.ndarray]:
+    arr = atlas.model_group("tiny")["layers"]["1"]["sample"][...].astype(np.float32)
+    pos = atlas.corpus["sample_positions"][...]
+    return arr[pos >= 0], pos[pos >= 0]
+
+
+def test_sae_is_stored_with_metrics_that_recompute(dict_atlas) -> None:
+    from ops import sae as sae_ops
+
+    path, _, out = dict_atlas
+    atlas = Atlas.open(path)
+    g = atlas.dictionary("tiny", 1, "sae", "tk")
+    assert g["W_dec"].shape == (96, 48) and g["W_enc"].shape == (48, 96)
+    np.testing.assert_allclose(np.linalg.norm(g["W_dec"][...], axis=1), 1.0, atol=1e-4)
+    m = g.attrs["metrics"]
+    assert 0 <= m["fvu"] < 1 and 0 < m["l0"] <= 4 + 1e-6 and m["dead_fraction"] <= 1
+    assert np.isfinite(m["ce_recovered"]) and m["ce_zero"] > 0 and m["ce_clean"] > 0
+    # recompute L0 and FVU from the stored weights and the stored sample
+    sae = sae_ops.build_sae(sae_ops.SAEConfig.from_dict(g.attrs["config"]))
+    sae.load_state_dict({k: torch.from_numpy(np.array(g[k][...])) for k in sae.state_dict()})
+    x, pos = _sample(atlas)
+    with torch.no_grad():
+        xh, z, _ = sae(torch.from_numpy(x))
+    x64, xh64 = x.astype(np.float64), xh.numpy().astype(np.float64)
+    fvu = ((x64 - xh64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum()
+    assert fvu == pytest.approx(m["fvu"], rel=1e-3)
+    assert (z > 0).sum(1).float().mean().item() == pytest.approx(m["l0"], rel=1e-3)
+    # feature statistics are over the sample tokens, top examples at sample positions
+    st = atlas.dictionary("tiny", 1, "sae", "tk")["stats"]
+    np.testing.assert_allclose(st["max"][...], z.numpy().max(0), rtol=1e-5)
+    top = g["topk"]["positions"][...]
+    assert np.isin(top[top >= 0], pos).all()
+    assert out["dictionaries"]["sae/tk"]["fvu"] == pytest.approx(m["fvu"])
+
+
+def test_distributed_snmf_equals_single_process(dict_atlas) -> None:
+    from ops import snmf as snmf_ops
+
+    path, job, _ = dict_atlas
+    atlas = Atlas.open(path)
+    g = atlas.dictionary("tiny", 1, "snmf", "sn")
+    z = g["Z"][...]
+    assert z.shape == (48, 6)
+    assert ((z != 0).sum(0) <= np.ceil(0.2 * 48)).all()
+    x, _ = _sample(atlas)
+    run = job.dictionaries.snmf[0]
+    cfg = snmf_ops.SNMFConfig(k=run.k, keep_fraction=run.keep_fraction, iters=run.iters,
+                              patience=run.patience, init=run.init, seed=run.seed)  # fmt: skip
+    ref = snmf_ops.fit(x.T, cfg)
+    np.testing.assert_allclose(z, ref.z.numpy(), atol=2e-3)
+    assert g.attrs["metrics"]["rel_error"] == pytest.approx(ref.rel_error, rel=1e-3)
+
+
+def test_cli_features(dict_atlas, capsys) -> None:
+    import json
+
+    from flows.cli import main
+
+    path, _, _ = dict_atlas
+    assert main(["features", str(path), "tiny", "1", "--method", "sae", "--feature", "0",
+                 "--json"]) == 0  # fmt: skip
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["index"] == 0 and rec["method"] == "sae" and len(rec["promoted"]) == 10
+    assert all("[[" in e["text"] for e in rec["examples"])
+    assert main(["features", str(path), "tiny", "1", "--method", "snmf", "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "snmf/sn" in text and "neurons:" in text
+    assert main(["features", str(path), "tiny", "1", "--method", "snmf", "--feature", "99"]) == 2
+
+
+def test_dictionaries_need_a_sample(tiny_model_dir: Path) -> None:
+    from flows.config import JobConfigError
+
+    with pytest.raises(JobConfigError, match="needs an activation sample"):
+        parse_job({"models": [{"name": "t", "source": str(tiny_model_dir)}],
+                   "dictionaries": {"model": "t", "layer": 0}})  # fmt: skip

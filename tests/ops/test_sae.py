@@ -1,0 +1,364 @@
+"""Sparse autoencoders: config checks, each architecture's contract, known answers (planted
+features, geometric median, STE gradients), metrics against a recomputation, exact resume."""
+
+from __future__ import annotations
+
+import math
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ops.sae import (
+    ARCHITECTURES,
+    SAEConfig,
+    ShuffleBuffer,
+    TrainState,
+    build_sae,
+    ce_loss_recovered,
+    geometric_median,
+    jumprelu,
+    load_checkpoint,
+    metrics,
+    sample_batches,
+    shuffled,
+    step_fn,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: one thread is faster and immune to oversubscribed cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _planted(n_tok: int, m: int = 64, d: int = 32, active: int = 3, seed: int = 0):
+    """``x = codes @ D*``: ``m`` random unit features, ``active`` per token, magnitudes in
+    [0.5, 1.5], plus a little noise. Returns ``(D*, x)``."""
+    g = torch.Generator().manual_seed(seed)
+    dic = torch.randn(m, d, generator=g)
+    dic /= dic.norm(dim=1, keepdim=True)
+    idx = torch.rand(n_tok, m, generator=g).argsort(1)[:, :active]
+    codes = torch.zeros(n_tok, m).scatter(1, idx, 0.5 + torch.rand(n_tok, active, generator=g))
+    return dic, codes @ dic + 0.01 * torch.randn(n_tok, d, generator=g)
+
+
+def _small(arch: str, **kw) -> SAEConfig:
+    base = dict(arch=arch, d_in=16, n_latents=48, k=4, auxk=8, batch_size=32, lr=3e-3)
+    return SAEConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"d_in": 0}, "d_in"),
+        ({"n_latents": -3}, "n_latents"),
+        ({"k": 100}, "k"),  # > n_latents for topk
+        ({"lr": 0.0}, "lr"),
+        ({"l1_coef": -1.0}, "l1_coef"),
+        ({"auxk_coef": float("nan")}, "auxk_coef"),
+        ({"jumprelu_bandwidth": 0}, "jumprelu_bandwidth"),
+        ({"dead_after_tokens": 0}, "dead_after_tokens"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"b_dec_init": "median"}, "b_dec_init"),
+        ({"normalize_input": 1}, "normalize_input"),
+    ],
+)
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        SAEConfig(**{"d_in": 8, "n_latents": 16, "k": 2, **kw})
+
+
+def test_unknown_arch_lists_registered():
+    with pytest.raises(ValueError, match="arch:") as e:
+        SAEConfig(arch="gated", d_in=8, n_latents=16)
+    for name in ("topk", "batchtopk", "relu", "jumprelu"):
+        assert name in str(e.value)
+
+
+def test_k_only_checked_where_used_and_dict_round_trip():
+    cfg = SAEConfig(arch="relu", d_in=8, n_latents=16)  # default k=32 > 16 is irrelevant here
+    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        SAEConfig.from_dict({**cfg.to_dict(), "l2_coef": 1.0})
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architecture_contract(arch):
+    cfg = _small(arch)
+    sae = build_sae(cfg)
+    x = torch.randn(32, 16) * 3 + 1
+    sae.init_from(x)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    dead = torch.zeros(cfg.n_latents, dtype=torch.bool)
+    dead[::3] = True
+    loss, parts = sae.loss(x, dead)
+    assert torch.isfinite(loss) and {"loss", "recon", "l0", "fvu"} <= set(parts)
+    loss.backward()
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    sae.remove_parallel_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    opt.step()
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(cfg.n_latents))
+    z = sae.encode(x)
+    assert z.shape == (32, cfg.n_latents) and (z >= 0).all()
+    x_hat, z2, _ = sae(x)
+    torch.testing.assert_close(z2, z)
+    torch.testing.assert_close(x_hat, sae.decode(z), rtol=1e-4, atol=1e-4)
+
+
+def test_topk_exactly_k_per_token():
+    sae = build_sae(_small("topk"))
+    z = sae.encode(torch.randn(64, 16))
+    assert ((z != 0).sum(1) == 4).all()
+
+
+def test_batchtopk_batch_budget_then_threshold():
+    sae = build_sae(_small("batchtopk"))
+    x = torch.randn(64, 16)
+    sae.train()
+    z = sae.encode(x)
+    assert int((z != 0).sum()) == 64 * 4
+    assert (z != 0).sum(1).unique().numel() > 1  # tokens differ in how many latents they use
+    train(sae, [torch.randn(64, 16) for _ in range(20)], log_every=0)
+    assert sae.threshold > 0 and not sae.training
+    z = sae.encode(x)  # eval: per-token threshold, independent of the rest of the batch
+    pre = torch.relu(sae.pre_acts(sae.scale(x)))
+    torch.testing.assert_close(z, pre * (pre > sae.threshold))
+    torch.testing.assert_close(sae.encode(x[:5]), z[:5])
+
+
+def test_jumprelu_ste_gradients_known_answer():
+    eps, theta0 = 0.1, 1.0
+    # u = (x - θ)/ε = 0.2, -0.3, 2.0, -4.0: the first two are inside the rectangle kernel
+    x = torch.tensor([[1.02], [0.97], [1.2], [0.6]], requires_grad=True)
+    theta = torch.tensor([theta0], requires_grad=True)
+    y = jumprelu(x, theta, eps)
+    torch.testing.assert_close(y.detach(), torch.tensor([[1.02], [0.0], [1.2], [0.0]]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+    torch.testing.assert_close(theta.grad, torch.tensor([-(theta0 / eps) * 2]))
+    x.grad = theta.grad = None
+    h = step_fn(x, theta, eps)
+    torch.testing.assert_close(h.detach(), torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+    h.sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x))
+    torch.testing.assert_close(theta.grad, torch.tensor([-(1 / eps) * 2]))
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_recovers_planted_features(arch):
+    dic, x = _planted(20_000)
+    cfg = SAEConfig(arch=arch, d_in=32, n_latents=128, k=4, auxk=16, lr=3e-3, batch_size=256,
+                    dead_after_tokens=2_000)  # fmt: skip
+    sae = build_sae(cfg)
+    state = train(sae, lambda s: sample_batches(x, 256, seed=0, start_step=s), steps=1000)
+    cos = (dic @ sae.W_dec.detach().T).numpy()
+    rows, cols = linear_sum_assignment(-cos)  # one latent per planted feature
+    assert (cos[rows, cols] >= 0.9).mean() >= 0.75
+    m = metrics(sae, x, state)
+    assert m["fvu"] < 0.1
+    assert m["l0"] == pytest.approx(4, rel=0.1)
+    assert [h["step"] for h in state.history] == [100.0 * i for i in range(1, 11)]
+
+
+def test_jumprelu_learns_sparsity_through_its_thresholds():
+    """The L0 pseudo-gradient alone must raise thresholds until L0 nears the planted 3."""
+    dic, x = _planted(20_000)
+    cfg = SAEConfig(arch="jumprelu", d_in=32, n_latents=128, lr=3e-3, batch_size=256,
+                    jumprelu_l0_coef=1e-2, jumprelu_bandwidth=0.05,
+                    jumprelu_threshold_init=0.05)  # fmt: skip
+    sae = build_sae(cfg)
+    l0_start = metrics(sae, x[:2000])["l0"]
+    train(sae, lambda s: sample_batches(x, 256, seed=0, start_step=s), steps=1500)
+    m = metrics(sae, x)
+    assert l0_start > 20 and m["l0"] < 4.5 and m["fvu"] < 0.1
+
+
+def test_geometric_median_known_answer_and_robust():
+    c = torch.tensor([1.0, -2.0, 3.0])
+    sym = torch.cat([c + 0.7 * torch.eye(3), c - 0.7 * torch.eye(3), c + torch.ones(1, 3),
+                     c - torch.ones(1, 3)])  # fmt: skip
+    torch.testing.assert_close(geometric_median(sym), c)
+    g = torch.Generator().manual_seed(0)
+    cloud = torch.randn(200, 3, generator=g)
+    cloud = torch.cat([cloud, -cloud])  # centred exactly at 0
+    with_outlier = torch.cat([cloud, torch.full((1, 3), 1e4)])
+    assert with_outlier.mean(0).norm() > 40
+    assert geometric_median(with_outlier).norm() < 0.05
+
+
+def test_input_scale_makes_training_unit_free():
+    _, x = _planted(4_096, m=32, d=16)
+    results = []
+    for factor in (1.0, 1000.0):
+        sae = build_sae(_small("topk", batch_size=256))
+        train(sae, lambda s, f=factor: sample_batches(x * f, 256, 0, s), steps=50, log_every=0)
+        assert (x * factor).pow(2).sum(-1).mean() * sae.input_scale**2 == pytest.approx(1, rel=0.1)
+        results.append((metrics(sae, x * factor), sae.encode(x[:64] * factor)))
+    (m1, z1), (m2, z2) = results
+    assert m1["fvu"] == pytest.approx(m2["fvu"], rel=1e-3)
+    torch.testing.assert_close(z1, z2, rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_metrics_match_recomputation(arch):
+    _, x = _planted(3_000, m=32, d=16)
+    x = x * 5 + 2  # non-zero mean: FVU must subtract it
+    sae = build_sae(_small(arch, batch_size=256))
+    state = train(sae, lambda s: sample_batches(x, 256, 0, s), steps=30, log_every=0)
+    m = metrics(sae, x, batch_size=700)  # chunks that do not divide the data
+    with torch.no_grad():
+        z = sae.encode(x).numpy().astype(np.float64)
+        x_hat = sae.decode(torch.from_numpy(z).float()).numpy().astype(np.float64)
+    xn = x.numpy().astype(np.float64)
+    assert m["l0"] == pytest.approx((z != 0).sum(1).mean(), rel=1e-9)
+    sq = ((xn - x_hat) ** 2).sum()
+    assert m["fvu"] == pytest.approx(sq / ((xn - xn.mean(0)) ** 2).sum(), rel=1e-5)
+    assert m["mse"] == pytest.approx(sq / xn.size, rel=1e-5)
+    assert m["dead_fraction"] == pytest.approx(((z != 0).sum(0) == 0).mean())
+    counts = torch.tensor([0, 3] * 24)
+    assert metrics(sae, x, counts)["dead_fraction"] == 0.5
+    fake = TrainState(last_fired=torch.tensor([0] * 36 + [10**9] * 12))
+    assert metrics(sae, x, fake)["dead_fraction"] == 0.25
+    assert state.step == 30
+
+
+def test_ce_loss_recovered():
+    assert ce_loss_recovered(clean_loss=2.0, sae_loss=2.5, zero_loss=7.0) == pytest.approx(0.9)
+    assert ce_loss_recovered(2.0, 2.0, 7.0) == 1.0
+    assert ce_loss_recovered(2.0, 7.0, 7.0) == 0.0
+    assert math.isnan(ce_loss_recovered(2.0, 2.5, 2.0))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_shuffle_buffer_every_token_once_and_mixed():
+    chunks = [torch.stack([torch.arange(100) + 100 * c, torch.full((100,), c)], 1).float()
+              for c in range(23)]  # fmt: skip
+    batches = list(shuffled(chunks, capacity=512, batch_size=64, seed=1))
+    out = torch.cat(batches)
+    assert sorted(out[:, 0].long().tolist()) == list(range(2300))
+    assert all(len(b) == 64 for b in batches[:-1]) and 0 < len(batches[-1]) <= 64
+    assert all(b[:, 1].unique().numel() >= 3 for b in batches[:-1])  # never one document
+    again = torch.cat(list(shuffled(chunks, capacity=512, batch_size=64, seed=1)))
+    assert torch.equal(out, again)
+
+
+def test_shuffle_buffer_holds_until_full():
+    buf = ShuffleBuffer(capacity=256, batch_size=32, seed=0)
+    buf.add(torch.zeros(200, 4))
+    assert buf.batches() == [] and len(buf) == 200
+    buf.add(torch.ones(100, 4))
+    ready = buf.batches()
+    assert len(ready) == (300 - 128) // 32 and len(buf) == 300 - 32 * len(ready)
+    rest = buf.batches(final=True)
+    assert sum(len(b) for b in ready + rest) == 300 and len(buf) == 0
+    with pytest.raises(ValueError, match="capacity"):
+        ShuffleBuffer(capacity=40, batch_size=32)
+
+
+def test_sample_batches_resume_and_epochs():
+    x = torch.arange(100).float()[:, None]
+    full = list(islice(sample_batches(x, 16, seed=3), 14))
+    resumed = list(islice(sample_batches(x, 16, seed=3, start_step=9), 5))
+    assert all(torch.equal(a, b) for a, b in zip(full[9:], resumed, strict=True))
+    epoch = torch.cat(full[:6])[:, 0].long()  # 6 batches per epoch, 4 tokens dropped
+    assert epoch.unique().numel() == 96
+    assert not torch.equal(torch.cat(full[:6]), torch.cat(full[6:12]))
+
+
+# --------------------------------------------------------------------------- training state
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("source", ["iterable", "factory"])
+def test_resume_equals_uninterrupted(tmp_path, arch, source):
+    _, x = _planted(2_000, m=32, d=16)
+    cfg = _small(arch, dead_after_tokens=64)  # dead latents appear, AuxK is exercised
+
+    def data():
+        if source == "factory":
+            return lambda s: sample_batches(x, 32, seed=5, start_step=s)
+        return shuffled(x.split(50), capacity=256, batch_size=32, seed=5)
+
+    ref = build_sae(cfg)
+    ref_state = train(ref, data(), steps=40, log_every=5)
+
+    ckpt = tmp_path / "sae.pt"
+    first = train(build_sae(cfg), data(), steps=20, checkpoint=ckpt, checkpoint_every=7,
+                  log_every=5)  # fmt: skip
+    assert first.step == 20
+    resumed = build_sae(cfg)  # a fresh process: nothing but the checkpoint
+    state = train(resumed, data(), steps=40, checkpoint=ckpt, checkpoint_every=7, log_every=5)
+
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert state.step == 40 and state.tokens_seen == ref_state.tokens_seen == 40 * 32
+    assert torch.equal(state.last_fired, ref_state.last_fired)
+    assert state.history == ref_state.history
+
+    loaded, loaded_state = load_checkpoint(ckpt)
+    assert loaded_state.step == 40
+    for a, b in zip(loaded.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # nothing left to do: returns the saved state untouched
+    assert train(build_sae(cfg), data(), steps=40, checkpoint=ckpt).step == 40
+
+
+def test_resume_refuses_other_config(tmp_path):
+    x = torch.randn(256, 16)
+    ckpt = tmp_path / "sae.pt"
+    train(build_sae(_small("topk")), [x[:32]] * 3, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"\['k'\]"):
+        train(build_sae(_small("topk", k=5)), [x[:32]] * 6, checkpoint=ckpt)
+
+
+def test_auxk_revives_dead_latents():
+    """Half the latents start with tiny encoder columns: they never win the top-k, so without
+    AuxK they get no gradient and stay dead; AuxK trains them back."""
+    _, x = _planted(10_000, m=256)  # more features than latents: every latent is useful
+    dead_end = {}
+    for coef in (0.0, 1 / 32):
+        cfg = SAEConfig(d_in=32, n_latents=128, k=4, auxk=16, auxk_coef=coef, lr=3e-3,
+                        batch_size=256, dead_after_tokens=2048)  # fmt: skip
+        sae = build_sae(cfg)
+        with torch.no_grad():
+            sae.W_enc[:, :64] *= 0.01
+        state = train(sae, lambda s: sample_batches(x, 256, 0, s), steps=300, log_every=50)
+        dead_end[coef] = state.history[-1]["dead_fraction"]
+        if coef == 0:
+            assert state.history[-1]["auxk"] == 0.0
+        else:
+            assert state.history[0]["auxk"] > 0
+    assert dead_end[0.0] >= 0.45 and dead_end[1 / 32] <= 0.05
+
+
+def test_auxk_loss_zero_without_dead_latents():
+    sae = build_sae(_small("topk"))
+    x = torch.randn(32, 16)
+    none = torch.zeros(48, dtype=torch.bool)
+    assert sae.loss(x, none)[1]["auxk"] == 0
+    assert sae.loss(x, None)[1]["auxk"] == 0
+    assert sae.loss(x, ~none)[1]["auxk"] > 0
