@@ -239,3 +239,19 @@ def test_fingerprint_parts() -> None:
     assert fp(BASE, "record") != fp(BASE, "merge")
     assert fp(BASE, "record") == fp(BASE, "record")
     assert fp(BASE, "record") != fp(BASE)
+
+
+def test_readme_job_example_validates() -> None:
+    """The README's job example stays a valid job (the README contract)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from flows.config import parse_job
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## Jobs\n\n```yaml\n(.*?)```", readme, re.S)
+    assert block, "README has no job example"
+    job = parse_job(yaml.safe_load(block.group(1)))
+    assert job.seeds is not None and job.dictionaries is not None and job.universality is not None
