@@ -55,6 +55,7 @@ def test_recovers_planted_sparse_features() -> None:
     assert (cos[rows, cols] >= 0.9).sum() >= 6, cos[rows, cols]
     assert res.rel_error < 0.06  # noise alone is ~0.035
     assert (res.y >= 0).all()
+    assert not ((res.y > 0) & (res.y < torch.finfo(torch.float32).tiny)).any()  # no subnormals
     assert ((res.z != 0).sum(0) == 4).all()
     assert torch.allclose(torch.linalg.vector_norm(res.z, dim=0), torch.ones(8), atol=1e-5)
 
