@@ -79,7 +79,9 @@ def _activations(model_dir: Path, atlas: Atlas) -> np.ndarray:
         model(input_ids=torch.from_numpy(tokens.astype(np.int64)))
     for h in hooks:
         h.remove()
-    return np.concatenate([np.concatenate(acts[i])[mask] for i in sorted(acts)], 1).astype(np.float64)
+    return np.concatenate([np.concatenate(acts[i])[mask] for i in sorted(acts)], 1).astype(
+        np.float64
+    )
 
 
 def test_full_correlations_equal_numpy_corrcoef(uni_atlas, tiny_model_dir) -> None:
