@@ -1,4 +1,4 @@
-"""Recording: Ray ``ModelWorker`` actors and the driver that feeds them corpus shards.
+"""Recording: Ray ``ShardWorker`` actors and the driver that feeds them corpus shards.
 
 The driver runs inside a Prefect task. It starts ``resources.workers`` actors (each
 loads the model once; one GPU each when Ray sees GPUs, one torch thread each on CPU),
@@ -113,13 +113,17 @@ class ShardRecorder:
 
 
 @ray.remote
-class ModelWorker:
-    """A Ray actor holding one model; records shards on request."""
+class ShardWorker:
+    """A Ray actor holding a recorder (and so its models); records shards on request.
 
-    def __init__(self, *args: Any, threads: int | None = None, **kwargs: Any):
+    ``recorder_cls`` is :class:`ShardRecorder` for one model's statistics, or
+    ``flows.universality.FamilyRecorder`` for cross-model co-moments.
+    """
+
+    def __init__(self, recorder_cls: type, *args: Any, threads: int | None = None, **kwargs: Any):
         if threads:
             torch.set_num_threads(threads)
-        self.recorder = ShardRecorder(*args, **kwargs)
+        self.recorder = recorder_cls(*args, **kwargs)
 
     def record(self, shard: int) -> dict[str, Any]:
         return self.recorder.record(shard)
@@ -142,17 +146,18 @@ def ensure_ray(address: str | None, workers: int) -> None:
 
 
 def run_shards(
-    actor_cls: Any,
+    recorder_cls: type,
     args: tuple,
     kwargs: dict[str, Any],
     shards: Sequence[int],
     resources: ResourcesConfig,
     on_done: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
-    """Feed ``shards`` to ``resources.workers`` actors of ``actor_cls`` with bounded in-flight work.
+    """Feed ``shards`` to ``resources.workers`` actors, each holding a ``recorder_cls(*args)``,
+    with bounded in-flight work.
 
-    The actor class needs ``ready()`` and ``record(shard)``; ``on_done`` runs in the
-    driver as each shard lands, in completion order (merges later use shard order).
+    The recorder needs ``record(shard) -> dict``; ``on_done`` runs in the driver as each
+    shard lands, in completion order (merges later use shard order).
     """
     ensure_ray(resources.ray_address, resources.workers)
     gpus = resources.gpus
@@ -166,7 +171,9 @@ def run_shards(
         "num_gpus": 1 if gpus else 0,
     }
     kw = {**kwargs, "device": "cuda" if gpus else "cpu", "threads": None if gpus else 1}
-    actors = [actor_cls.options(**opts).remote(*args, **kw) for _ in range(n_workers)]
+    actors = [
+        ShardWorker.options(**opts).remote(recorder_cls, *args, **kw) for _ in range(n_workers)
+    ]
     ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
     todo = list(shards)
     inflight: dict[Any, int] = {}
@@ -199,6 +206,6 @@ def drive(
     shards: Sequence[int],
     on_done: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
-    """Record ``shards`` of one model on Ray ``ModelWorker`` actors."""
-    return run_shards(ModelWorker, (model, job, atlas_path, layers, sample_layers), {}, shards,
+    """Record ``shards`` of one model on Ray workers."""
+    return run_shards(ShardRecorder, (model, job, atlas_path, layers, sample_layers), {}, shards,
                       job.resources, on_done)  # fmt: skip

@@ -1,6 +1,6 @@
 """Universality stage: co-moments of every neuron pair across models, then partners and labels.
 
-A ``FamilyWorker`` actor holds every compared model (they share a tokenizer and are
+A Ray worker holding a ``FamilyRecorder`` holds every compared model (they share a tokenizer and are
 fed the same shard), and accumulates per shard, per layer pair, the co-moments of each
 model pair plus each model's within-layer covariance (for the rotation baseline). The
 driver persists nothing itself: workers write per-shard partials; the merge task folds
@@ -17,7 +17,6 @@ import zlib
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
@@ -110,20 +109,6 @@ class FamilyRecorder:
         self.atlas.write_partial(WORK, shard, arrays)
         return {"shard": shard, "tokens": n_tok, "seconds": time.perf_counter() - t0,
                 "pid": os.getpid()}  # fmt: skip
-
-
-@ray.remote
-class FamilyWorker:
-    def __init__(self, *args: Any, threads: int | None = None, **kwargs: Any):
-        if threads:
-            torch.set_num_threads(threads)
-        self.recorder = FamilyRecorder(*args, **kwargs)
-
-    def record(self, shard: int) -> dict[str, Any]:
-        return self.recorder.record(shard)
-
-    def ready(self) -> int:
-        return os.getpid()
 
 
 def _fold(parts: dict[str, CoMoments], arrays: dict[str, np.ndarray]) -> None:
@@ -241,7 +226,7 @@ def record_correlations(job: JobConfig, models: list[ModelConfig], fingerprint: 
         bar.update(1)
 
     try:
-        run_shards(FamilyWorker, (models, job.atlas, job.record.batch_size), {}, shards,
+        run_shards(FamilyRecorder, (models, job.atlas, job.record.batch_size), {}, shards,
                    job.resources, on_done)  # fmt: skip
     finally:
         bar.close()
