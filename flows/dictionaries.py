@@ -198,7 +198,7 @@ def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[s
     """Logit lens of every feature direction, and CE loss recovered for every SAE."""
     from ops.interventions import next_token_loss, replace_mlp_activation
     from ops.models import load_model
-    from ops.props import neuron_weights, unembedding, vocab_composition
+    from ops.props import direction_logit_lens, neuron_weights, unembedding
 
     torch.set_num_threads(os.cpu_count() or 1)
     spec = next(m for m in job.models if m.name == dcfg.model)
@@ -210,9 +210,8 @@ def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[s
     for key, dirs in directions.items():
         if w_u is None:
             break
-        comp = vocab_composition(torch.from_numpy(dirs).float() @ w_out, w_u,
-                                 top=job.record.top_tokens)  # fmt: skip
-        out[key] = {"promoted": comp["top_promoted"], "suppressed": comp["top_suppressed"]}
+        promoted, suppressed = direction_logit_lens(dirs, w_out, w_u, top=job.record.top_tokens)
+        out[key] = {"promoted": promoted, "suppressed": suppressed}
     atlas = Atlas.open(job.atlas)
     tokens, mask = atlas.read_shard(0)
     bs = job.record.batch_size

@@ -367,3 +367,22 @@ def label_neurons(
         "suppression": suppression,
         "dead": np.zeros(n, bool) if dead is None else np.asarray(dead, bool).copy(),
     }
+
+
+@torch.no_grad()
+def direction_logit_lens(
+    directions: torch.Tensor | np.ndarray, w_out: torch.Tensor, w_u: torch.Tensor, top: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens that feature directions in MLP-neuron space promote / suppress directly.
+
+    ``directions [n, d_mlp]`` (SAE decoder rows, SNMF ``Zᵀ``) write ``directions @ W_out`` into
+    the residual stream; their logits go through :func:`vocab_composition`, chunked, so
+    12k-feature dictionaries against a 49k vocabulary stay within memory.
+    """
+    d = torch.as_tensor(directions).to(w_out.dtype)
+    if d.dim() != 2 or d.shape[1] != w_out.shape[0]:
+        raise ValueError(
+            f"directions {tuple(d.shape)} must be [n, d_mlp] with d_mlp = {w_out.shape[0]}"
+        )
+    comp = vocab_composition(d @ w_out, w_u, top=top)
+    return comp["top_promoted"], comp["top_suppressed"]

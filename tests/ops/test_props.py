@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    BertConfig,
-    GPT2Config,
-    GPTNeoXConfig,
-    OPTConfig,
     PretrainedConfig,
     PreTrainedModel,
     T5Config,
@@ -41,66 +35,8 @@ from ops.props import (
     unembedding,
     vocab_composition,
 )
+from tests.tiny_configs import CONFIGS, D_MODEL, VOCAB
 
-VOCAB = 96
-D_MODEL = 32
-
-# --------------------------------------------------------------------------- tiny models
-
-
-def _gated(model_type: str, **extra: object) -> PretrainedConfig:
-    return AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        **extra,
-    )
-
-
-CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_embd=D_MODEL, n_layer=2, n_head=4, n_positions=64, n_inner=None
-    ),
-    "llama": lambda: _gated("llama"),
-    "mistral": lambda: _gated("mistral"),
-    "qwen2": lambda: _gated("qwen2"),
-    "qwen3": lambda: _gated("qwen3"),
-    "smollm3": lambda: _gated("smollm3"),
-    "gemma": lambda: _gated("gemma"),
-    "gemma2": lambda: _gated("gemma2"),
-    "gemma3_text": lambda: _gated("gemma3_text", sliding_window=4),
-    "gpt_neox": lambda: GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    ),
-    "opt": lambda: OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        ffn_dim=56,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=D_MODEL,
-        max_position_embeddings=64,
-    ),
-    "bert": lambda: BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        intermediate_size=44,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    ),
-}
 D_MLP = {"gpt2": 4 * D_MODEL, "gpt_neox": 40, "opt": 56, "bert": 44}
 
 _CACHE: dict[str, PreTrainedModel] = {}
@@ -522,3 +458,20 @@ def test_real_smollm2_properties() -> None:
     assert props["vocab_kurt"].shape == (1536,) and np.isfinite(props["vocab_kurt"]).all()
     assert props["top_promoted"].max() < 49152
     assert elapsed < 60, elapsed
+
+
+def test_direction_logit_lens_matches_bruteforce() -> None:
+    from ops.props import direction_logit_lens
+
+    rng = np.random.default_rng(7)
+    d_mlp, d_model, vocab, n = 24, 8, 50, 3
+    dirs = rng.standard_normal((n, d_mlp))
+    w_out = torch.from_numpy(rng.standard_normal((d_mlp, d_model)))
+    w_u = torch.from_numpy(rng.standard_normal((vocab, d_model)))
+    promoted, suppressed = direction_logit_lens(dirs, w_out, w_u, top=5)
+    logits = dirs @ w_out.numpy() @ w_u.numpy().T  # [n, vocab]
+    assert promoted.shape == suppressed.shape == (n, 5) and promoted.dtype == np.int64
+    assert np.array_equal(promoted, np.argsort(-logits, axis=1)[:, :5])
+    assert np.array_equal(suppressed, np.argsort(logits, axis=1)[:, :5])
+    with pytest.raises(ValueError, match="d_mlp"):
+        direction_logit_lens(dirs.T, w_out, w_u, top=5)

@@ -13,7 +13,6 @@ from scipy.optimize import linear_sum_assignment, nnls
 from ops.snmf import (
     LocalShards,
     SNMFConfig,
-    feature_logit_lens,
     fit,
     init_sample_columns,
     init_y,
@@ -244,20 +243,3 @@ def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
 def test_too_many_features_for_the_sample() -> None:
     with pytest.raises(ValueError, match="k=5"):
         init_z(np.ones((4, 100), np.float32), SNMFConfig(k=5))
-
-
-def test_feature_logit_lens_matches_bruteforce() -> None:
-    rng = np.random.default_rng(7)
-    d_mlp, d_model, vocab, k = 24, 8, 50, 3
-    z = rng.standard_normal((d_mlp, k))
-    w_out = rng.standard_normal((d_mlp, d_model))
-    w_u = rng.standard_normal((vocab, d_model))
-    promoted, suppressed = feature_logit_lens(torch.from_numpy(z), w_out, w_u, top=5)
-    logits = (w_u @ (w_out.T @ z)).T  # [k, vocab]
-    assert promoted.shape == suppressed.shape == (k, 5) and promoted.dtype == np.int64
-    assert np.array_equal(promoted, np.argsort(-logits, axis=1)[:, :5])
-    assert np.array_equal(suppressed, np.argsort(logits, axis=1)[:, :5])
-    with pytest.raises(ValueError, match="w_out"):
-        feature_logit_lens(z, w_out.T, w_u, top=5)
-    with pytest.raises(ValueError, match="top"):
-        feature_logit_lens(z, w_out, w_u, top=vocab + 1)
