@@ -192,6 +192,37 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steer(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.config import JobConfigError, SteeringConfig, format_error
+    from flows.dictionaries import steer_feature
+
+    try:
+        cfg = SteeringConfig(target_kl=args.target_kl, tolerance=args.tolerance,
+                             sequences=args.sequences, max_evals=args.max_evals,
+                             top_tokens=args.top_tokens)  # fmt: skip
+    except ValidationError as e:
+        raise JobConfigError(format_error(e, "steer options")) from None
+    key = steer_feature(args.atlas, args.model, args.layer, cfg, method=args.method,
+                        run=args.run, feature=args.feature, contrast=args.contrast,
+                        device=args.device)  # fmt: skip
+    rec = Atlas.open(args.atlas).steering(args.model, args.layer)[key]
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return 0
+    _print_steering(rec)
+    return 0
+
+
+def _print_steering(rec: Any) -> None:
+    state = "" if rec.converged else "  (did not reach the target KL)"
+    print(f"  steering {rec.key}: alpha {rec.alpha:.4g} ({rec.alpha_rel:.3g}x mean activation "
+          f"norm) gives KL {rec.kl:.4f} (target {rec.target_kl}){state}")  # fmt: skip
+    print("    promotes:   " + " ".join(f"{t!r} {v:+.2f}" for t, v in rec.promoted))
+    print("    suppresses: " + " ".join(f"{t!r} {v:+.2f}" for t, v in rec.suppressed))
+
+
 def _print_feature(rec: Any) -> None:
     s = rec.stats
     print(f"\n{rec.method}/{rec.run} feature {rec.index}: max {s['max']:.3f}  mean {s['mean']:.4f}"
@@ -200,6 +231,8 @@ def _print_feature(rec: Any) -> None:
     if rec.promoted:
         print("  promotes: " + " ".join(repr(t) for t in rec.promoted))
         print("  suppresses: " + " ".join(repr(t) for t in rec.suppressed))
+    if rec.steering is not None:
+        _print_steering(rec.steering)
     for ex in rec.examples:
         print(
             f"  {ex.rank + 1:>3}. {ex.value:+8.3f}  [{ex.source}]  {ex.text.replace(chr(10), '⏎')}"
@@ -246,6 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--k", type=int, default=5, help="examples per feature")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=cmd_features)
+    st = sub.add_parser("steer", help="steer along a feature (or a contrast) at a target KL; "
+                        "the result is stored in the atlas")  # fmt: skip
+    st.add_argument("atlas")
+    st.add_argument("model")
+    st.add_argument("layer", type=int)
+    st.add_argument("--method", choices=["sae", "snmf"], help="dictionary of --feature")
+    st.add_argument("--run", help="run name (default: the only run)")
+    st.add_argument("--feature", type=int, help="feature index")
+    st.add_argument("--contrast", nargs=2, metavar=("A", "B"),
+                    help="difference-in-means baseline: corpus source A minus source B")  # fmt: skip
+    st.add_argument("--target-kl", type=float, default=0.5, help="next-token KL to reach")
+    st.add_argument("--tolerance", type=float, default=0.1, help="relative KL tolerance")
+    st.add_argument("--sequences", type=int, default=8, help="evaluation sequences")
+    st.add_argument("--max-evals", type=int, default=16, help="forward passes per search")
+    st.add_argument("--top-tokens", type=int, default=10, help="tokens reported each way")
+    st.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_steer)
     return p
 
 

@@ -208,6 +208,26 @@ class SNMFRunConfig(_Strict):
     seed: int = Field(0, description="Initialisation seed.")
 
 
+class SteeringConfig(_Strict):
+    """Causal check: steer along feature directions, each at the same next-token KL."""
+
+    target_kl: float = Field(
+        0.5, gt=0, description="Mean next-token KL(clean || steered) alpha is searched for (nats)."
+    )
+    tolerance: float = Field(0.1, gt=0, lt=1, description="Accepted |KL - target| / target.")
+    features: int = Field(
+        2, ge=0, description="Features evaluated per run: those with the largest mean activation."
+    )
+    contrast: list[str] | None = Field(
+        None, min_length=2, max_length=2,
+        description="Difference-in-means baseline [A, B]: mean activation on corpus source A "
+        "minus source B (e.g. [wiki-fr, wiki-en]); null to skip.",
+    )  # fmt: skip
+    sequences: int = Field(8, ge=1, description="Evaluation sequences, spread over the corpus.")
+    max_evals: int = Field(16, ge=2, description="Forward passes allowed per search.")
+    top_tokens: int = Field(10, ge=1, description="Promoted and suppressed tokens reported.")
+
+
 class DictionariesConfig(_Strict):
     """Feature dictionaries learned from the stored activation sample of one model layer."""
 
@@ -216,6 +236,9 @@ class DictionariesConfig(_Strict):
     sae: list[SAERunConfig] = Field(default_factory=list, description="SAE runs.")
     snmf: list[SNMFRunConfig] = Field(default_factory=list, description="SNMF runs.")
     ce_batches: int = Field(4, ge=1, description="Batches used to measure CE loss recovered.")
+    steering: SteeringConfig | None = Field(
+        None, description="Steering evaluation of features and a difference-in-means baseline."
+    )
 
 
 class JobConfig(_Strict):
@@ -296,8 +319,8 @@ class JobConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _format_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid job {origin}:"]
+def format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid {origin}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         lines.append(f"  field '{loc}': {e['msg']}")
@@ -311,7 +334,7 @@ def parse_job(data: Any, origin: str = "<dict>") -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise JobConfigError(_format_error(e, origin)) from None
+        raise JobConfigError(format_error(e, f"job {origin}")) from None
 
 
 def load_job(path: str | Path | None = None, **overrides: Any) -> JobConfig:

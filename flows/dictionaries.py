@@ -8,6 +8,9 @@
 * Every feature then gets neuron-style statistics and top examples over the sample, its
   strongest neurons, and its logit-lens tokens; SAEs also get the CE loss recovered when
   their reconstruction is spliced into the model.
+* With ``steering``, the most active features of each run and a difference-in-means
+  baseline between two corpus sources are steered at the same next-token KL
+  (``ops.steering``); ``neuronmap steer`` runs the same evaluation for any feature.
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ import ray
 import torch
 from prefect import get_run_logger, task
 
-from flows.config import DictionariesConfig, JobConfig, SAERunConfig, SNMFRunConfig
+from flows.config import (
+    DictionariesConfig,
+    JobConfig,
+    JobConfigError,
+    SAERunConfig,
+    SNMFRunConfig,
+    SteeringConfig,
+)
 from flows.record import attention_mask, ensure_ray
 from flows.tasks import TASK
 from ops import sae as sae_ops
 from ops import snmf as snmf_ops
 from ops.stats import NeuronAccumulator, finalize, hist_spec
 from storage.atlas import Atlas
+from storage.dictionaries import contrast_key, steering_key
 
 
 def sample_by_shard(
@@ -184,6 +195,87 @@ def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
             ray.kill(a)
 
 
+# ------------------------------------------------------------------ steering
+
+
+def steering_batches(atlas: Atlas, sequences: int, batch_size: int) -> list[tuple]:
+    """``sequences`` corpus rows spread evenly over the corpus, as (ids, attention, counted)."""
+    tokens, mask = atlas.corpus["tokens"], atlas.corpus["mask"]
+    rows = np.unique(np.linspace(0, tokens.shape[0] - 1, sequences).round().astype(np.int64))
+    ids = np.stack([tokens[int(r)] for r in rows]).astype(np.int64)
+    m = np.stack([mask[int(r)] for r in rows])
+    return [(torch.from_numpy(ids[a : a + batch_size]),
+             torch.from_numpy(attention_mask(m[a : a + batch_size])),
+             torch.from_numpy(m[a : a + batch_size]))
+            for a in range(0, len(rows), batch_size)]  # fmt: skip
+
+
+def contrast_direction(atlas: Atlas, model: str, layer: int, contrast: list[str]) -> np.ndarray:
+    """Mean sampled activation on sequences of source ``contrast[0]`` minus ``contrast[1]``."""
+    from ops.steering import diff_in_means
+
+    names = list(atlas.corpus.attrs["source_names"])
+    missing = [c for c in contrast if c not in names]
+    if missing:
+        raise JobConfigError(f"dictionaries.steering.contrast: {missing} not among the corpus "
+                             f"sources {names}")  # fmt: skip
+    shards = sample_by_shard(atlas, model, layer)
+    acts = np.concatenate([a for _, a, _ in shards])
+    seq = np.concatenate([p for _, _, p in shards]) // int(atlas.corpus.attrs["seq_len"])
+    labels = atlas.corpus["sources"][...][seq]
+    a, b = (names.index(c) for c in contrast)
+    for c, i in zip(contrast, (a, b), strict=True):
+        if not np.any(labels == i):
+            raise JobConfigError(f"dictionaries.steering.contrast: no sampled tokens from {c!r}; "
+                                 "raise record.sample_tokens or corpus.max_tokens")  # fmt: skip
+    return diff_in_means(acts, labels, a, b)
+
+
+def steer_directions(loaded: Any, atlas: Atlas, layer: int, directions: dict[str, np.ndarray],
+                     cfg: SteeringConfig, batch_size: int) -> dict[str, dict]:  # fmt: skip
+    """Steering results (JSON-able) for ``directions`` (key -> ``[d_mlp]``) at ``cfg.target_kl``."""
+    from ops.steering import SteeringEval, steer
+
+    if not directions:
+        return {}
+    ev = SteeringEval(loaded, layer, steering_batches(atlas, cfg.sequences, batch_size))
+    return {key: steer(ev, d, cfg.target_kl, cfg.tolerance, cfg.max_evals,
+                       cfg.top_tokens).to_dict()
+            for key, d in directions.items()}  # fmt: skip
+
+
+def steer_feature(atlas_path: str, model: str, layer: int, cfg: SteeringConfig, *,
+                  method: str | None = None, run: str | None = None, feature: int | None = None,
+                  contrast: list[str] | None = None, batch_size: int = 8,
+                  device: str | None = None) -> str:  # fmt: skip
+    """Steer one stored feature (``method``/``run``/``feature``) or a ``contrast`` baseline live,
+    store the result in the atlas, and return its key (``Atlas.steering`` reads it back)."""
+    from ops.models import load_model
+
+    atlas = Atlas.open(atlas_path, mode="r+").owner(model)
+    if (feature is None) == (contrast is None):
+        raise JobConfigError("steer: give a feature (with its method) or a contrast, not both")
+    baseline: dict[str, np.ndarray] = {}
+    if contrast is not None:
+        key = contrast_key(*contrast)
+        baseline[key] = direction = contrast_direction(atlas, model, layer, contrast)
+    else:
+        if method is None:
+            raise JobConfigError("steer: --method (sae or snmf) is needed with --feature")
+        g = atlas.dictionary(model, layer, method, run)
+        dirs = atlas.feature_directions(g, method)
+        if not 0 <= feature < len(dirs):
+            raise JobConfigError(f"steer: feature {feature} out of range: {method}/{g.basename} "
+                                 f"has {len(dirs)} features")  # fmt: skip
+        key, direction = steering_key(method, g.basename, feature), dirs[feature]
+    attrs = atlas.model_attrs(model)
+    lm = load_model(attrs["source"], dtype="float32", device=device, revision=attrs.get("revision"),
+                    with_tokenizer=False)  # fmt: skip
+    res = steer_directions(lm, atlas, layer, {key: direction}, cfg, batch_size)
+    atlas.write_steering(model, layer, res, baseline)
+    return key
+
+
 # ------------------------------------------------------------------ model-side measures
 
 
@@ -194,8 +286,9 @@ def _splice(sae: sae_ops.SAE, act: torch.Tensor) -> torch.Tensor:
 
 @ray.remote(num_cpus=1)
 def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[str, np.ndarray],
-                    saes: dict[str, dict]) -> dict:  # fmt: skip
-    """Logit lens of every feature direction, and CE loss recovered for every SAE."""
+                    saes: dict[str, dict], steer_dirs: dict[str, np.ndarray]) -> dict:  # fmt: skip
+    """Logit lens of every feature direction, CE loss recovered for every SAE, and steering
+    results for ``steer_dirs`` (under the key ``"steering"``)."""
     from ops.interventions import next_token_loss, replace_mlp_activation
     from ops.models import load_model
     from ops.props import direction_logit_lens, neuron_weights, unembedding
@@ -238,6 +331,8 @@ def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[s
         out.setdefault(key, {})["ce"] = loss | {
             "recovered": sae_ops.ce_loss_recovered(loss["clean"], loss["sae"], loss["zero"])
         }
+    if dcfg.steering is not None:
+        out["steering"] = steer_directions(lm, atlas, dcfg.layer, steer_dirs, dcfg.steering, bs)
     return out
 
 
@@ -246,10 +341,14 @@ def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[s
 
 @task(name="dictionaries", **TASK)
 def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
-    """Train every SAE and SNMF run, then store weights, feature stats and metrics."""
+    """Train every SAE and SNMF run, then store weights, feature stats, metrics and steering."""
     log = get_run_logger()
     atlas = Atlas.open(job.atlas, mode="r+")
-    model, layer = dcfg.model, dcfg.layer
+    model, layer, steering = dcfg.model, dcfg.layer, dcfg.steering
+    # bad contrast sources fail before minutes of training
+    baseline = ({contrast_key(*steering.contrast):
+                 contrast_direction(atlas, model, layer, steering.contrast)}
+                if steering is not None and steering.contrast else {})  # fmt: skip
     shards = sample_by_shard(atlas, model, layer)
     x = torch.from_numpy(np.concatenate([a for _, a, _ in shards]))
     positions = np.concatenate([p for _, _, p in shards])
@@ -261,16 +360,30 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
                 for run in dcfg.sae}  # fmt: skip
     snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
     saes = {name: ray.get(ref) for name, ref in sae_refs.items()}
-    directions = {f"sae/{n}": s["weights"]["W_dec"] for n, s in saes.items()}
-    directions |= {f"snmf/{n}": r.z.numpy().T for n, r in snmf.items()}
-    measures = ray.get(_model_measures.remote(job, dcfg, directions,
-                                              {f"sae/{n}": s for n, s in saes.items()}))  # fmt: skip
-    summary: dict[str, dict] = {}
+
+    # feature activations over the sample -> neuron-style statistics
+    feats: dict[str, tuple[np.ndarray, tuple]] = {}  # key -> (directions [n, d], stats)
     for name, s in saes.items():
         sae = _sae_from(s["weights"], s["config"])
         with torch.no_grad():
             acts = torch.cat([sae.encode(x[a : a + 4096]) for a in range(0, len(x), 4096)])
-        stats, tv, tp = feature_stats(acts, positions, job)
+        feats[f"sae/{name}"] = (s["weights"]["W_dec"], feature_stats(acts, positions, job))
+    for name, r in snmf.items():
+        feats[f"snmf/{name}"] = (r.z.numpy().T, feature_stats(r.y.T.contiguous(), positions, job))
+
+    steer_dirs = dict(baseline)
+    if steering is not None:
+        for key, (dirs, (stats, _, _)) in feats.items():
+            method, run = key.split("/")
+            for i in np.argsort(-stats["mean"], kind="stable")[: steering.features]:
+                steer_dirs[steering_key(method, run, int(i))] = dirs[int(i)]
+    measures = ray.get(_model_measures.remote(
+        job, dcfg, {k: d for k, (d, _) in feats.items()},
+        {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
+
+    summary: dict[str, dict] = {}
+    for name, s in saes.items():
+        stats, tv, tp = feats[f"sae/{name}"][1]
         meas = measures.get(f"sae/{name}", {})
         metrics = s["metrics"] | {f"ce_{k}": v for k, v in meas.get("ce", {}).items()}
         weights = dict(s["weights"])
@@ -281,7 +394,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
         summary[f"sae/{name}"] = metrics
         log.info("sae %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
     for name, r in snmf.items():
-        stats, tv, tp = feature_stats(r.y.T.contiguous(), positions, job)
+        stats, tv, tp = feats[f"snmf/{name}"][1]
         meas = measures.get(f"snmf/{name}", {})
         weights = {"Z": r.z.numpy()} | {k: meas[k] for k in ("promoted", "suppressed") if k in meas}
         metrics = {"rel_error": r.rel_error, "best_iter": r.best_iter,
@@ -291,4 +404,9 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
                                 "tokens": len(x)})  # fmt: skip
         summary[f"snmf/{name}"] = metrics
         log.info("snmf %s: %s", name, metrics)
+    if measures.get("steering"):
+        atlas.write_steering(model, layer, measures["steering"], baseline)
+        for key, res in measures["steering"].items():
+            summary[f"steering/{key}"] = {k: res[k] for k in ("alpha_rel", "kl", "converged")}
+            log.info("steering %s: alpha_rel %.3g kl %.3f", key, res["alpha_rel"], res["kl"])
     return summary

@@ -9,6 +9,12 @@ Layout, next to a layer's neuron statistics::
 
 Every feature gets the same ``stats/`` and ``topk/`` arrays as a neuron, so the same
 example decoding applies; positions index ``corpus/tokens`` like a neuron's.
+
+Steering results (the causal check) sit beside them, keyed by direction::
+
+    models/<m>/layers/<L>/steering attrs["results"]: {"sae/<run>/<i>" | "snmf/<run>/<i>" |
+        "diffmeans/<A>-vs-<B>": {alpha, alpha_rel, kl, target_kl, converged, promoted, ...}}
+    models/<m>/layers/<L>/steering/diffmeans/<A>-vs-<B>   the baseline direction [d_mlp]
 """
 
 from __future__ import annotations
@@ -43,9 +49,44 @@ class FeatureRecord:
     neurons: list[tuple[int, float]] = field(default_factory=list)  # (neuron, weight), by |w|
     promoted: list[str] = field(default_factory=list)
     suppressed: list[str] = field(default_factory=list)
+    steering: SteeringRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class SteeringRecord:
+    """A stored steering evaluation, with its token ids decoded."""
+
+    key: str
+    alpha: float
+    alpha_rel: float
+    kl: float
+    target_kl: float
+    converged: bool
+    promoted: list[tuple[str, float]]  # (token, mean change of log-prob)
+    suppressed: list[tuple[str, float]]
+    evaluations: list[tuple[float, float]]  # (alpha, kl) the search tried
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _key_part(name: str) -> str:
+    if not name or "/" in name:
+        raise AtlasError(f"steering: {name!r} cannot be part of a key (empty or contains '/')")
+    return name
+
+
+def steering_key(method: str, run: str, feature: int) -> str:
+    """Key of a dictionary feature's steering result."""
+    return f"{method}/{_key_part(run)}/{int(feature)}"
+
+
+def contrast_key(a: str, b: str) -> str:
+    """Key of the difference-in-means baseline between corpus sources ``a`` and ``b``."""
+    return f"diffmeans/{_key_part(a)}-vs-{_key_part(b)}"
 
 
 class DictionariesMixin:
@@ -78,6 +119,43 @@ class DictionariesMixin:
         tk.create_array("values", data=np.asarray(top_values, np.float32))
         tk.create_array("positions", data=np.asarray(top_positions, np.int64))
         g.attrs.update(dict(attrs))
+
+    def write_steering(self: Atlas, model: str, layer: int, results: Mapping[str, Mapping],
+                       directions: Mapping[str, np.ndarray] | None = None) -> None:  # fmt: skip
+        """Add or replace steering results (JSON-able, token ids) and baseline directions."""
+        g = self._layer_group(model, layer).require_group("steering")
+        for key, vec in (directions or {}).items():
+            name = key.replace("/", "__")
+            if name in g:
+                del g[name]
+            g.create_array(name, data=np.asarray(vec, np.float32))
+        stored = dict(g.attrs.get("results", {}))
+        stored.update({k: _jsonable(dict(v)) for k, v in results.items()})
+        g.attrs["results"] = stored
+
+    def steering(self: Atlas, model: str, layer: int) -> dict[str, SteeringRecord]:
+        """Every stored steering result of a layer, by key (empty when none)."""
+        owner = self.owner(model)
+        lg = owner._layer_group(model, layer)
+        if "steering" not in lg:
+            return {}
+        out = {}
+        for key, r in lg["steering"].attrs.get("results", {}).items():
+            out[key] = SteeringRecord(
+                key, r["alpha"], r["alpha_rel"], r["kl"], r["target_kl"], r["converged"],
+                [(owner.decode([int(t)]), float(v)) for t, v in r["promoted"]],
+                [(owner.decode([int(t)]), float(v)) for t, v in r["suppressed"]],
+                [(float(a), float(k)) for a, k in r["evaluations"]],
+            )  # fmt: skip
+        return out
+
+    def steering_direction(self: Atlas, model: str, layer: int, key: str) -> np.ndarray:
+        """A stored baseline direction (``contrast_key(a, b)``)."""
+        lg = self.owner(model)._layer_group(model, layer)
+        name = key.replace("/", "__")
+        if "steering" not in lg or name not in lg["steering"]:
+            raise AtlasError(f"no stored direction {key!r} for {model!r} layer {layer}")
+        return lg["steering"][name][...]
 
     def dictionaries(self: Atlas, model: str, layer: int) -> dict[str, list[str]]:
         lg = self._layer_group(model, layer)
@@ -122,5 +200,16 @@ class DictionariesMixin:
         suppressed = (
             [owner.decode([int(t)]) for t in g["suppressed"][index]] if "suppressed" in g else []
         )
+        steering = owner.steering(model, layer).get(steering_key(method, g.basename, index))
         return FeatureRecord(model, layer, method, g.basename, index, stats, examples, strongest,
-                             promoted, suppressed)  # fmt: skip
+                             promoted, suppressed, steering)  # fmt: skip
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

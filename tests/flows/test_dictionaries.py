@@ -25,7 +25,10 @@ def dict_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
         "dictionaries": {"model": "tiny", "layer": 1, "ce_batches": 2,
                          "sae": [{"name": "tk", "arch": "topk", "expansion": 2, "k": 4,
                                   "batch_size": 256, "epochs": 3}],
-                         "snmf": [{"name": "sn", "k": 6, "keep_fraction": 0.2, "iters": 30}]},
+                         "snmf": [{"name": "sn", "k": 6, "keep_fraction": 0.2, "iters": 30}],
+                         # a random tiny model's KL saturates near 0.01 (see ops tests)
+                         "steering": {"features": 1, "target_kl": 0.002, "sequences": 4,
+                                      "contrast": ["wiki-fr", "wiki-en"]}},
         "resources": {"workers": 2},
     })  # fmt: skip
     out = map_neurons(job)
@@ -108,3 +111,72 @@ def test_dictionaries_need_a_sample(tiny_model_dir: Path) -> None:
     with pytest.raises(JobConfigError, match="needs an activation sample"):
         parse_job({"models": [{"name": "t", "source": str(tiny_model_dir)}],
                    "dictionaries": {"model": "t", "layer": 0}})  # fmt: skip
+
+
+def test_steering_results_are_stored(dict_atlas) -> None:
+    from storage.dictionaries import contrast_key
+
+    path, job, out = dict_atlas
+    atlas = Atlas.open(path)
+    res = atlas.steering("tiny", 1)
+    base = contrast_key("wiki-fr", "wiki-en")
+    sae_keys = [k for k in res if k.startswith("sae/tk/")]
+    snmf_keys = [k for k in res if k.startswith("snmf/sn/")]
+    assert base in res and len(sae_keys) == 1 and len(snmf_keys) == 1
+    for key, r in res.items():
+        assert r.converged, key
+        assert abs(r.kl - 0.002) <= 0.1 * 0.002
+        assert len(r.promoted) == len(r.suppressed) == 10
+        assert r.promoted[0][1] > 0 > r.suppressed[0][1]
+        assert out["dictionaries"][f"steering/{key}"]["kl"] == pytest.approx(r.kl)
+    # the steered SAE feature is the run's most active one on average
+    st = atlas.dictionary("tiny", 1, "sae", "tk")["stats"]["mean"][...]
+    assert sae_keys == [f"sae/tk/{int(np.argmax(st))}"]
+    # the baseline direction is the difference of sampled means, recomputed here in float64
+    x, pos = _sample(atlas)
+    names = list(atlas.corpus.attrs["source_names"])
+    src = atlas.corpus["sources"][...][pos // 32]
+    x64 = x.astype(np.float64)
+    want = x64[src == names.index("wiki-fr")].mean(0) - x64[src == names.index("wiki-en")].mean(0)
+    np.testing.assert_allclose(atlas.steering_direction("tiny", 1, base), want, rtol=1e-4,
+                               atol=1e-7)  # fmt: skip
+    # the feature query carries the stored steering result
+    i = int(sae_keys[0].rsplit("/", 1)[1])
+    rec = atlas.feature("tiny", 1, "sae", i)
+    assert rec.steering is not None and rec.steering.alpha == res[sae_keys[0]].alpha
+
+
+def test_unknown_contrast_source_names_the_field(dict_atlas) -> None:
+    from flows.config import JobConfigError
+    from flows.dictionaries import contrast_direction
+
+    atlas = Atlas.open(dict_atlas[0])
+    with pytest.raises(JobConfigError, match=r"dictionaries.steering.contrast: \['wiki-xx'\]"):
+        contrast_direction(atlas, "tiny", 1, ["wiki-xx", "wiki-en"])
+
+
+def test_cli_steer(dict_atlas, capsys) -> None:
+    import json
+
+    from flows.cli import main
+
+    path = str(dict_atlas[0])
+    args = ["steer", path, "tiny", "1", "--target-kl", "0.003", "--sequences", "3"]
+    assert main([*args, "--method", "snmf", "--feature", "2", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["key"] == "snmf/sn/2" and rec["converged"]
+    assert abs(rec["kl"] - 0.003) <= 0.1 * 0.003
+    stored = Atlas.open(path).steering("tiny", 1)["snmf/sn/2"]
+    assert stored.alpha == rec["alpha"] and stored.target_kl == 0.003
+    assert main([*args, "--contrast", "shakespeare", "wiki-en"]) == 0
+    assert "diffmeans/shakespeare-vs-wiki-en" in capsys.readouterr().out
+    # bad input: exit 2 with the problem named, nothing stored
+    before = set(Atlas.open(path).steering("tiny", 1))
+    assert main([*args, "--contrast", "wiki-xx", "wiki-en"]) == 2
+    assert "wiki-xx" in capsys.readouterr().err
+    assert main(["steer", path, "tiny", "1", "--method", "sae", "--feature", "0",
+                 "--target-kl", "0"]) == 2  # fmt: skip
+    assert "target_kl" in capsys.readouterr().err
+    assert main(["steer", path, "tiny", "1", "--method", "sae", "--feature", "999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert set(Atlas.open(path).steering("tiny", 1)) == before
