@@ -190,6 +190,21 @@ class SAERunConfig(_Strict):
     batch_size: int = Field(1024, ge=1, description="Tokens per step.")
     epochs: float = Field(4.0, gt=0, description="Passes over the training tokens.")
     seed: int = Field(0, description="Init and shuffling seed.")
+    source: Literal["sample", "stream"] = Field(
+        "sample",
+        description="Training tokens: the stored activation sample, or 'stream': every corpus "
+        "token, recorded live by the Ray workers in shard order (no activation dump; each "
+        "epoch runs the model again). Metrics and feature stats use the sample either way.",
+    )
+    buffer_tokens: int = Field(
+        65536, ge=2, description="Shuffle buffer of a streamed run (>= 2 * batch_size)."
+    )
+
+    @model_validator(mode="after")
+    def _buffer_fits(self) -> SAERunConfig:
+        if self.source == "stream" and self.buffer_tokens < 2 * self.batch_size:
+            raise ValueError(f"buffer_tokens ({self.buffer_tokens}) must be >= 2 * batch_size")
+        return self
 
 
 class SNMFRunConfig(_Strict):

@@ -34,7 +34,7 @@ from flows.config import (
     SNMFRunConfig,
     SteeringConfig,
 )
-from flows.record import attention_mask, ensure_ray
+from flows.record import ActivationRecorder, attention_mask, ensure_ray, iter_shards
 from flows.tasks import TASK
 from ops import sae as sae_ops
 from ops import snmf as snmf_ops
@@ -76,6 +76,11 @@ def feature_stats(
 # ------------------------------------------------------------------ SAE
 
 
+def log_every(steps: int) -> int:
+    """Training metrics every 100 steps, but at least ~20 points for a short run."""
+    return max(1, min(100, steps // 20))
+
+
 def sae_config(run: SAERunConfig, d: int, tokens: int) -> sae_ops.SAEConfig:
     # a latent that stays silent for a whole pass over the sample counts as dead (AuxK)
     return sae_ops.SAEConfig(arch=run.arch, d_in=d, n_latents=run.expansion * d, k=run.k,
@@ -100,11 +105,53 @@ def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt:
         # mixes it completely, and batch s depends only on (seed, s), so resuming is exact
         return sae_ops.sample_batches(x, run.batch_size, seed=run.seed, start_step=start_step)
 
-    state = sae_ops.train(sae, batches, steps=steps, checkpoint=ckpt, checkpoint_every=200)
+    state = sae_ops.train(sae, batches, steps=steps, checkpoint=ckpt, checkpoint_every=200,
+                          log_every=log_every(steps))  # fmt: skip
     m = sae_ops.metrics(sae, x, state)
     sd = {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()}
     return {"weights": sd, "metrics": m, "config": cfg.to_dict(), "history": state.history,
-            "steps": state.step}  # fmt: skip
+            "steps": state.step, "tokens_trained": state.tokens_seen}  # fmt: skip
+
+
+STREAM_DEAD_TOKENS = 10_000_000
+"""A streamed latent silent this long counts as dead (capped: a pass can be 100M+ tokens)."""
+
+
+def train_sae_streamed(job: JobConfig, model: str, layer: int, run: SAERunConfig, ckpt: str,
+                       x_eval: torch.Tensor) -> dict:  # fmt: skip
+    """Train on every corpus token, streamed live from ``ShardWorker`` actors through a
+    shuffle buffer; the checkpoint holds the buffer, so a killed run resumes mid-stream."""
+    log = get_run_logger()
+    atlas = Atlas.open(job.atlas)
+    spec = next(m for m in job.models if m.name == model)
+    n_shards = len(atlas.shard_ranges())
+    n_tokens = int(np.count_nonzero(atlas.corpus["mask"][...]))
+    cfg = sae_config(run, x_eval.shape[1], min(n_tokens, STREAM_DEAD_TOKENS))
+    steps = max(1, math.ceil(run.epochs * n_tokens / run.batch_size))
+    order = [c % n_shards for c in range(math.ceil(run.epochs) * n_shards)]
+
+    def chunks(start: int):
+        args = (spec, job.atlas, layer, job.record.batch_size)
+        for out in iter_shards(ActivationRecorder, args, {}, order[start:], job.resources,
+                               ordered=True):  # fmt: skip
+            yield torch.from_numpy(out["acts"].copy())  # Ray hands out read-only arrays
+
+    torch.manual_seed(run.seed)
+    sae = sae_ops.build_sae(cfg)
+    sae.init_from(x_eval)  # the stored sample is a uniform draw over the corpus
+    data = sae_ops.StreamBatches(chunks, run.buffer_tokens, run.batch_size, seed=run.seed)
+
+    def progress(step: int, m: dict[str, float]) -> None:
+        log.info("sae %s (stream) step %d/%d: fvu %.4f l0 %.1f dead %.3f", run.name, step,
+                 steps, m.get("fvu", float("nan")), m.get("l0", float("nan")),
+                 m.get("dead_fraction", float("nan")))  # fmt: skip
+
+    state = sae_ops.train(sae, data, steps=steps, checkpoint=ckpt, checkpoint_every=500,
+                          log_every=log_every(steps), on_metrics=progress)  # fmt: skip
+    sd = {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()}
+    return {"weights": sd, "metrics": sae_ops.metrics(sae, x_eval, state),
+            "config": cfg.to_dict(), "history": state.history, "steps": state.step,
+            "tokens_trained": state.tokens_seen}  # fmt: skip
 
 
 def _sae_from(weights: dict, config: dict) -> sae_ops.SAE:
@@ -357,9 +404,12 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     sae_refs = {run.name: _train_sae.remote(job.atlas, model, layer, run,
                                             str(work / f"sae-{run.name}.pt"))
-                for run in dcfg.sae}  # fmt: skip
+                for run in dcfg.sae if run.source == "sample"}  # fmt: skip
+    streamed = {run.name: train_sae_streamed(job, model, layer, run,
+                                             str(work / f"sae-{run.name}.pt"), x)
+                for run in dcfg.sae if run.source == "stream"}  # fmt: skip
     snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
-    saes = {name: ray.get(ref) for name, ref in sae_refs.items()}
+    saes = {name: ray.get(ref) for name, ref in sae_refs.items()} | streamed
 
     # feature activations over the sample -> neuron-style statistics
     feats: dict[str, tuple[np.ndarray, tuple]] = {}  # key -> (directions [n, d], stats)
@@ -382,6 +432,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
         {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
 
     summary: dict[str, dict] = {}
+    sources = {run.name: run.source for run in dcfg.sae}
     for name, s in saes.items():
         stats, tv, tp = feats[f"sae/{name}"][1]
         meas = measures.get(f"sae/{name}", {})
@@ -390,7 +441,9 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
         weights |= {k: meas[k] for k in ("promoted", "suppressed") if k in meas}
         atlas.write_dictionary(model, layer, "sae", name, weights, stats, tv, tp,
                                {"config": s["config"], "metrics": metrics, "steps": s["steps"],
-                                "history": s["history"][-50:], "tokens": len(x)})  # fmt: skip
+                                "history": s["history"][-50:], "tokens": len(x),
+                                "tokens_trained": s["tokens_trained"],
+                                "source": sources[name]})  # fmt: skip
         summary[f"sae/{name}"] = metrics
         log.info("sae %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
     for name, r in snmf.items():

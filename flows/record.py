@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,19 +145,21 @@ def ensure_ray(address: str | None, workers: int) -> None:
                  ignore_reinit_error=True, log_to_driver=True)  # fmt: skip
 
 
-def run_shards(
+def iter_shards(
     recorder_cls: type,
     args: tuple,
     kwargs: dict[str, Any],
     shards: Sequence[int],
     resources: ResourcesConfig,
-    on_done: Callable[[dict[str, Any]], None],
-) -> list[dict[str, Any]]:
+    ordered: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Feed ``shards`` to ``resources.workers`` actors, each holding a ``recorder_cls(*args)``,
-    with bounded in-flight work.
+    and yield each result as it lands (``ordered``: in the order of ``shards``).
 
-    The recorder needs ``record(shard) -> dict``; ``on_done`` runs in the driver as each
-    shard lands, in completion order (merges later use shard order).
+    The recorder needs ``record(shard) -> dict``. At most ``inflight_per_worker`` shards are
+    queued per actor, and when ordered, completed results waiting for an earlier shard count
+    against the same budget, so a consumer of large results (live activations) holds a bounded
+    number of them. Closing the generator stops the actors.
     """
     ensure_ray(resources.ray_address, resources.workers)
     gpus = resources.gpus
@@ -174,27 +176,90 @@ def run_shards(
     actors = [
         ShardWorker.options(**opts).remote(recorder_cls, *args, **kw) for _ in range(n_workers)
     ]
-    ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
-    todo = list(shards)
-    inflight: dict[Any, int] = {}
-    load = [0] * n_workers
-    results: list[dict[str, Any]] = []
     try:
+        ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
+        budget = n_workers * resources.inflight_per_worker
+        todo = list(enumerate(shards))
+        inflight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, index in shards)
+        load = [0] * n_workers
+        waiting: dict[int, dict[str, Any]] = {}  # ordered: done, waiting for an earlier shard
+        next_out = 0
         while todo or inflight:
             for i, actor in enumerate(actors):
-                while todo and load[i] < resources.inflight_per_worker:
-                    inflight[actor.record.remote(todo.pop(0))] = i
+                while (todo and load[i] < resources.inflight_per_worker
+                       and len(inflight) + len(waiting) < budget):  # fmt: skip
+                    j, shard = todo.pop(0)
+                    inflight[actor.record.remote(shard)] = (i, j)
                     load[i] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
-                load[inflight.pop(ref)] -= 1
+                i, j = inflight.pop(ref)
+                load[i] -= 1
                 out = ray.get(ref)
-                results.append(out)
-                on_done(out)
+                if not ordered:
+                    yield out
+                    continue
+                waiting[j] = out
+                while next_out in waiting:
+                    yield waiting.pop(next_out)
+                    next_out += 1
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def run_shards(
+    recorder_cls: type,
+    args: tuple,
+    kwargs: dict[str, Any],
+    shards: Sequence[int],
+    resources: ResourcesConfig,
+    on_done: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Record ``shards`` (see :func:`iter_shards`); ``on_done`` runs in the driver as each
+    shard lands, in completion order (merges later use shard order)."""
+    results = []
+    for out in iter_shards(recorder_cls, args, kwargs, shards, resources):
+        results.append(out)
+        on_done(out)
     return results
+
+
+class ActivationRecorder:
+    """Returns one layer's MLP activations at every recorded position of a shard, in corpus
+    order, as float16 ``[tokens, d_mlp]`` (for live SAE training: no activation dump)."""
+
+    def __init__(self, model: ModelConfig, atlas_path: str, layer: int, batch_size: int,
+                 device: str | None = None):  # fmt: skip
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.loaded = load_model(model.source, dtype=model.dtype, device=device,
+                                 revision=model.revision, with_tokenizer=False)  # fmt: skip
+        self.atlas = Atlas.open(atlas_path)
+        self.layer, self.batch_size = layer, batch_size
+
+    def record(self, shard: int) -> dict[str, Any]:
+        tokens, mask = self.atlas.read_shard(shard)
+        out: list[torch.Tensor] = []
+        rows: dict[str, torch.Tensor] = {}
+
+        def on_act(_layer: int, act: torch.Tensor) -> None:
+            flat = act.reshape(-1, act.shape[-1])
+            out.append(flat.index_select(0, rows["rows"]).to(torch.float16).cpu())
+
+        with capture_mlp(self.loaded, [self.layer], on_act):
+            for a in range(0, len(tokens), self.batch_size):
+                m = mask[a : a + self.batch_size]
+                r = np.flatnonzero(m.reshape(-1))
+                if len(r) == 0:
+                    continue
+                rows["rows"] = torch.from_numpy(r).to(self.loaded.device)
+                forward_until(self.loaded, torch.from_numpy(tokens[a : a + self.batch_size]
+                                                            .astype(np.int64)),
+                              torch.from_numpy(attention_mask(m)), self.layer)  # fmt: skip
+        acts = torch.cat(out).numpy() if out else np.zeros((0, self.loaded.d_mlp), np.float16)
+        return {"shard": shard, "acts": acts, "tokens": len(acts)}
 
 
 def drive(

@@ -47,6 +47,7 @@ __all__ = [
     "SAE",
     "SAEConfig",
     "ShuffleBuffer",
+    "StreamBatches",
     "TopKSAE",
     "TrainState",
     "build_sae",
@@ -586,6 +587,18 @@ class ShuffleBuffer:
             self._chunks.append(chunk)
             self._n += chunk.shape[0]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Held tokens and the generator state: a restored buffer continues identically."""
+        data = torch.cat(self._chunks) if len(self._chunks) > 1 else (
+            self._chunks[0] if self._chunks else None)  # fmt: skip
+        return {"data": None if data is None else data.cpu(), "gen": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        data = state["data"]
+        self._chunks = [] if data is None or not len(data) else [data]
+        self._n = 0 if data is None else int(data.shape[0])
+        self._gen.set_state(state["gen"])
+
     def batches(self, final: bool = False) -> list[Tensor]:
         """Batches ready now (none until ``capacity`` tokens are held); ``final`` empties it."""
         if self._n == 0 or (self._n < self.capacity and not final):
@@ -612,6 +625,48 @@ def shuffled(
         buf.add(chunk)
         yield from buf.batches()
     yield from buf.batches(final=True)
+
+
+class StreamBatches:
+    """Shuffled batches from an ordered stream of chunks, resumable at any step.
+
+    ``chunks(start)`` yields chunk ``start``, ``start + 1``, ... (e.g. the activations of
+    corpus shards recorded live by workers, in shard order). Passed to :func:`train`, the
+    checkpoint stores the shuffle buffer and the index of the next chunk, so a resumed run
+    asks for the stream from there (nothing is recomputed) and sees exactly the batches an
+    uninterrupted run would. The buffer is held in the chunks' dtype (float16 halves it).
+    """
+
+    def __init__(self, chunks: Callable[[int], Iterable[Tensor]], capacity: int,
+                 batch_size: int, seed: int = 0) -> None:  # fmt: skip
+        self.chunks = chunks
+        self.buffer = ShuffleBuffer(capacity, batch_size, seed)
+        self.next_chunk = 0
+        self.ready: list[Tensor] = []
+
+    def __iter__(self) -> Iterator[Tensor]:
+        source = iter(self.chunks(self.next_chunk))
+        while True:
+            while self.ready:
+                yield self.ready.pop(0)  # popped first: state is consistent while suspended
+            chunk = next(source, None)
+            if chunk is None:
+                self.ready = self.buffer.batches(final=True)
+                if not self.ready:
+                    return
+                continue
+            self.buffer.add(chunk)
+            self.next_chunk += 1
+            self.ready = self.buffer.batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_chunk": self.next_chunk, "ready": [b.cpu() for b in self.ready],
+                "buffer": self.buffer.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_chunk = int(state["next_chunk"])
+        self.ready = list(state["ready"])
+        self.buffer.load_state_dict(state["buffer"])
 
 
 def sample_batches(
@@ -656,8 +711,11 @@ class TrainState:
         return self.last_fired >= dead_after_tokens
 
 
-def save_checkpoint(path: str | Path, sae: SAE, state: TrainState) -> None:
-    """Write model, config and training state atomically (a crash leaves the old file)."""
+def save_checkpoint(
+    path: str | Path, sae: SAE, state: TrainState, data: dict[str, Any] | None = None
+) -> None:
+    """Write model, config, training state and the data stream's state (``data``, from a
+    :class:`StreamBatches`) atomically: a crash leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -669,6 +727,7 @@ def save_checkpoint(path: str | Path, sae: SAE, state: TrainState) -> None:
         "last_fired": state.last_fired.cpu(),
         "optimizer": state.optimizer,
         "history": state.history,
+        "data": data,
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -701,7 +760,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return sae.eval(), _state_from(payload, torch.device(device))
 
 
-Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
+Batches = Iterable[Tensor] | Callable[[int], Iterable[Tensor]] | StreamBatches
 
 
 def train(
@@ -717,9 +776,11 @@ def train(
     """Train ``sae`` with Adam (``sae.cfg``) until ``steps`` total steps or the data ends.
 
     ``batches`` is an iterable of ``[B, d_in]`` activation batches, or a function ``start_step ->
-    iterable`` (such as ``lambda s: sample_batches(x, bs, seed, s)``). If ``checkpoint`` exists,
-    model, optimiser and state are loaded from it and training continues at its step: a function
-    is asked for batches from there, an iterable has its first ``step`` batches skipped. With the
+    iterable`` (such as ``lambda s: sample_batches(x, bs, seed, s)``), or a
+    :class:`StreamBatches`. If ``checkpoint`` exists, model, optimiser and state are loaded from
+    it and training continues at its step: a function is asked for batches from there, a
+    :class:`StreamBatches` restores its saved buffer and stream position, and an iterable has its
+    first ``step`` batches skipped. With the
     same data order the result equals an uninterrupted run. The checkpoint is written every
     ``checkpoint_every`` steps and at the end. Every ``log_every`` steps the batch metrics
     (loss parts, ``l0``, ``fvu``, ``dead_fraction``, ``tokens_seen``) go to
@@ -743,12 +804,25 @@ def train(
         state = _state_from(payload, device)
         if state.optimizer:
             opt.load_state_dict(state.optimizer)
+        if isinstance(batches, StreamBatches) and state.step:
+            if payload.get("data") is None:
+                raise ValueError(f"checkpoint: {path} has no stream state to resume from")
+            batches.load_state_dict(payload["data"])
     saved_at = state.step
     if steps is not None and state.step >= steps:
         state.optimizer = opt.state_dict()
         return state
 
-    it = batches(state.step) if callable(batches) else islice(batches, state.step, None)
+    if isinstance(batches, StreamBatches):
+        it: Iterable[Tensor] = batches
+    elif callable(batches):
+        it = batches(state.step)
+    else:
+        it = islice(batches, state.step, None)
+
+    def data_state() -> dict[str, Any] | None:
+        return batches.state_dict() if isinstance(batches, StreamBatches) else None
+
     sae.train()
     for x in it:
         x = x.to(device=device, dtype=sae.W_dec.dtype, non_blocking=True)
@@ -776,13 +850,13 @@ def train(
                 on_metrics(state.step, m)
         if path is not None and state.step % checkpoint_every == 0:
             state.optimizer = opt.state_dict()
-            save_checkpoint(path, sae, state)
+            save_checkpoint(path, sae, state, data_state())
             saved_at = state.step
         if steps is not None and state.step >= steps:
             break
     state.optimizer = opt.state_dict()
     if path is not None and saved_at != state.step:
-        save_checkpoint(path, sae, state)
+        save_checkpoint(path, sae, state, data_state())
     sae.eval()
     return state
 

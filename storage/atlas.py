@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import shutil
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from storage.dictionaries import DictionariesMixin
 from storage.errors import AtlasError
@@ -63,6 +65,17 @@ def mark_token(left: bytes, tok: bytes, right: bytes) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``require_group`` that tolerates another worker creating the group at the same moment
+    (Zarr's check-then-create is not atomic across processes)."""
+    for _ in range(5):
+        try:
+            return parent.require_group(name)
+        except (ContainsGroupError, ContainsArrayError, FileExistsError):
+            time.sleep(0.01)
+    return parent[name]
 
 
 def _fill(dtype: str) -> Any:
@@ -353,11 +366,11 @@ class Atlas(UniversalityMixin, DictionariesMixin):
     # ------------------------------------------------------------------ partials
 
     def _work(self) -> zarr.Group:
-        return self.root.require_group("_work")
+        return _require_group(self.root, "_work")
 
     def write_partial(self, model: str, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Persist one shard's mergeable partial (stacked over layers); overwrites a stale one."""
-        g = self._work().require_group(model)
+        g = _require_group(self._work(), model)
         name = f"shard_{shard:06d}"
         if name in g:
             del g[name]

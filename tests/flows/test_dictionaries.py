@@ -24,7 +24,10 @@ def dict_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
         "record": {"topk": 5, "hist_bins": 16, "sample_tokens": 3000, "sample_layers": [1]},
         "dictionaries": {"model": "tiny", "layer": 1, "ce_batches": 2,
                          "sae": [{"name": "tk", "arch": "topk", "expansion": 2, "k": 4,
-                                  "batch_size": 256, "epochs": 3}],
+                                  "batch_size": 256, "epochs": 3},
+                                 {"name": "live", "arch": "topk", "expansion": 2, "k": 4,
+                                  "batch_size": 256, "epochs": 1, "source": "stream",
+                                  "buffer_tokens": 1024}],
                          "snmf": [{"name": "sn", "k": 6, "keep_fraction": 0.2, "iters": 30}],
                          # a random tiny model's KL saturates near 0.01 (see ops tests)
                          "steering": {"features": 1, "target_kl": 0.002, "sequences": 4,
@@ -95,7 +98,10 @@ def test_cli_features(dict_atlas, capsys) -> None:
 
     path, _, _ = dict_atlas
     assert main(["features", str(path), "tiny", "1", "--method", "sae", "--feature", "0",
-                 "--json"]) == 0  # fmt: skip
+                 "--json"]) == 2  # fmt: skip
+    assert "several sae runs (['live', 'tk']); pick one with --run" in capsys.readouterr().err
+    assert main(["features", str(path), "tiny", "1", "--method", "sae", "--run", "tk",
+                 "--feature", "0", "--json"]) == 0  # fmt: skip
     rec = json.loads(capsys.readouterr().out)
     assert rec["index"] == 0 and rec["method"] == "sae" and len(rec["promoted"]) == 10
     assert all("[[" in e["text"] for e in rec["examples"])
@@ -142,7 +148,7 @@ def test_steering_results_are_stored(dict_atlas) -> None:
                                atol=1e-7)  # fmt: skip
     # the feature query carries the stored steering result
     i = int(sae_keys[0].rsplit("/", 1)[1])
-    rec = atlas.feature("tiny", 1, "sae", i)
+    rec = atlas.feature("tiny", 1, "sae", i, run="tk")
     assert rec.steering is not None and rec.steering.alpha == res[sae_keys[0]].alpha
 
 
@@ -177,6 +183,43 @@ def test_cli_steer(dict_atlas, capsys) -> None:
     assert main(["steer", path, "tiny", "1", "--method", "sae", "--feature", "0",
                  "--target-kl", "0"]) == 2  # fmt: skip
     assert "target_kl" in capsys.readouterr().err
-    assert main(["steer", path, "tiny", "1", "--method", "sae", "--feature", "999"]) == 2
+    assert main(["steer", path, "tiny", "1", "--method", "sae", "--run", "tk", "--feature",
+                 "999"]) == 2  # fmt: skip
     assert "out of range" in capsys.readouterr().err
     assert set(Atlas.open(path).steering("tiny", 1)) == before
+
+
+def test_streamed_sae_trains_on_every_corpus_token(dict_atlas) -> None:
+    path, _, out = dict_atlas
+    atlas = Atlas.open(path)
+    g = atlas.dictionary("tiny", 1, "sae", "live")
+    n_tokens = int(np.count_nonzero(atlas.corpus["mask"][...]))
+    assert g.attrs["source"] == "stream" and g.attrs["tokens_trained"] == n_tokens
+    assert n_tokens > 2 * g.attrs["tokens"]  # more than the stored sample holds
+    assert atlas.dictionary("tiny", 1, "sae", "tk").attrs["source"] == "sample"
+    m = g.attrs["metrics"]
+    assert 0 <= m["fvu"] < 1 and out["dictionaries"]["sae/live"]["fvu"] == m["fvu"]
+    assert g.attrs["history"] and g.attrs["history"][-1]["tokens_seen"] <= n_tokens
+
+
+def test_activation_recorder_matches_the_stored_sample(dict_atlas) -> None:
+    """What the workers stream is what the statistics pass recorded (same rows, same values)."""
+    from flows.record import ActivationRecorder
+
+    path, job, _ = dict_atlas
+    atlas = Atlas.open(path)
+    rec = ActivationRecorder(job.models[0], str(path), 1, job.record.batch_size, device="cpu")
+    shard = 1
+    out = rec.record(shard)
+    start, _ = atlas.shard_ranges()[shard]
+    _, mask = atlas.read_shard(shard)
+    flat = start * mask.shape[1] + np.flatnonzero(mask.reshape(-1))
+    assert out["acts"].shape == (len(flat), 48) and out["acts"].dtype == np.float16
+    per = atlas.sample_rows_per_shard()
+    pos = atlas.corpus["sample_positions"][shard * per : (shard + 1) * per]
+    rows = atlas.model_group("tiny")["layers"]["1"]["sample"][shard * per : (shard + 1) * per]
+    ok = pos >= 0
+    idx = np.searchsorted(flat, pos[ok])
+    assert np.array_equal(flat[idx], pos[ok])
+    np.testing.assert_allclose(out["acts"][idx].astype(np.float32),
+                               rows[ok].astype(np.float32), rtol=1e-3, atol=1e-4)  # fmt: skip

@@ -15,6 +15,7 @@ from ops.sae import (
     ARCHITECTURES,
     SAEConfig,
     ShuffleBuffer,
+    StreamBatches,
     TrainState,
     build_sae,
     ce_loss_recovered,
@@ -293,14 +294,21 @@ def test_sample_batches_resume_and_epochs():
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("source", ["iterable", "factory"])
+@pytest.mark.parametrize("source", ["iterable", "factory", "stream"])
 def test_resume_equals_uninterrupted(tmp_path, arch, source):
     _, x = _planted(2_000, m=32, d=16)
     cfg = _small(arch, dead_after_tokens=64)  # dead latents appear, AuxK is exercised
+    starts: list[int] = []  # where the live stream was asked to start
+
+    def chunks(start: int):
+        starts.append(start)
+        return iter(x.split(50)[start:])
 
     def data():
         if source == "factory":
             return lambda s: sample_batches(x, 32, seed=5, start_step=s)
+        if source == "stream":
+            return StreamBatches(chunks, capacity=256, batch_size=32, seed=5)
         return shuffled(x.split(50), capacity=256, batch_size=32, seed=5)
 
     ref = build_sae(cfg)
@@ -312,6 +320,8 @@ def test_resume_equals_uninterrupted(tmp_path, arch, source):
     assert first.step == 20
     resumed = build_sae(cfg)  # a fresh process: nothing but the checkpoint
     state = train(resumed, data(), steps=40, checkpoint=ckpt, checkpoint_every=7, log_every=5)
+    if source == "stream":  # resumed mid-stream from the saved buffer, nothing replayed
+        assert starts[:2] == [0, 0] and starts[2] > 0
 
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

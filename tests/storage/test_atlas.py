@@ -514,3 +514,20 @@ def test_mark_token_widens_partial_utf8_characters() -> None:
     assert mark_token(b" the", b" cat", b" sat") == " the[[ cat]] sat"
     # a 3-byte character split over three tokens, the middle one activating
     assert mark_token(b"A\xe6", b"\x9d", b"\xb1B") == "A[[東]]B"
+
+
+def _write_partial(args: tuple[str, int]) -> int:
+    path, shard = args
+    Atlas.open(path, mode="r+").write_partial(MODEL, shard, {"x": np.full(3, shard)})
+    return shard
+
+
+def test_concurrent_workers_create_the_work_group(rw: Atlas) -> None:
+    """Workers' first partials race to create ``_work/<model>``; none may fail (this raced
+    in the record stage and cost a task retry)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(8) as pool:
+        assert pool.map(_write_partial, [(rw.path, s) for s in range(16)]) == list(range(16))
+    for s in range(16):
+        np.testing.assert_array_equal(rw.read_partial(MODEL, s)["x"], np.full(3, s))
