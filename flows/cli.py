@@ -215,6 +215,17 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from viewer.app import create_app
+
+    app = create_app(args.atlas)  # opens the atlas first: a bad path fails before serving
+    print(f"neuronmap viewer: http://{args.host}:{args.port}/  (API docs at /api/docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _print_steering(rec: Any) -> None:
     state = "" if rec.converged else "  (did not reach the target KL)"
     print(f"  steering {rec.key}: alpha {rec.alpha:.4g} ({rec.alpha_rel:.3g}x mean activation "
@@ -297,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_steer)
+    v = sub.add_parser("view", help="browse an atlas in the web viewer")
+    v.add_argument("atlas")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.set_defaults(fn=cmd_view)
     return p
 
 

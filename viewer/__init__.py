@@ -1,0 +1,1 @@
+"""Web viewer of an atlas: ``neuronmap view ATLAS`` (see :mod:`viewer.app`)."""
