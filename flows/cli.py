@@ -230,8 +230,9 @@ def _print_steering(rec: Any) -> None:
     state = "" if rec.converged else "  (did not reach the target KL)"
     print(f"  steering {rec.key}: alpha {rec.alpha:.4g} ({rec.alpha_rel:.3g}x mean activation "
           f"norm) gives KL {rec.kl:.4f} (target {rec.target_kl}){state}")  # fmt: skip
-    print("    promotes:   " + " ".join(f"{t!r} {v:+.2f}" for t, v in rec.promoted))
-    print("    suppresses: " + " ".join(f"{t!r} {v:+.2f}" for t, v in rec.suppressed))
+    # mean change of next-token probability, in percentage points
+    print("    promotes:   " + " ".join(f"{t!r} {100 * v:+.2f}pp" for t, v in rec.promoted))
+    print("    suppresses: " + " ".join(f"{t!r} {100 * v:+.2f}pp" for t, v in rec.suppressed))
 
 
 def _print_feature(rec: Any) -> None:

@@ -113,6 +113,18 @@ def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt:
             "steps": state.step, "tokens_trained": state.tokens_seen}  # fmt: skip
 
 
+def _logger() -> Any:
+    """The Prefect run logger inside a flow, a plain logger elsewhere (scripts, benches)."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("neuronmap")
+
+
 STREAM_DEAD_TOKENS = 10_000_000
 """A streamed latent silent this long counts as dead (capped: a pass can be 100M+ tokens)."""
 
@@ -121,7 +133,7 @@ def train_sae_streamed(job: JobConfig, model: str, layer: int, run: SAERunConfig
                        x_eval: torch.Tensor) -> dict:  # fmt: skip
     """Train on every corpus token, streamed live from ``ShardWorker`` actors through a
     shuffle buffer; the checkpoint holds the buffer, so a killed run resumes mid-stream."""
-    log = get_run_logger()
+    log = _logger()
     atlas = Atlas.open(job.atlas)
     spec = next(m for m in job.models if m.name == model)
     n_shards = len(atlas.shard_ranges())

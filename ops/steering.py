@@ -4,8 +4,12 @@ Adding ``alpha * direction`` to an MLP activation at every position moves the mo
 next-token distribution; how far depends on the direction and on ``alpha``, so directions
 are only comparable at a fixed effect size. :func:`steer` finds by bisection the ``alpha``
 at which the mean next-token KL(clean || steered) hits a target, then reports the tokens
-whose log-probability the shift raises and lowers the most on average. A feature whose
-promoted tokens match its top examples is doing what its examples suggest.
+whose next-token probability the shift raises and lowers the most on average. A feature
+whose promoted tokens match its top examples is doing what its examples suggest.
+
+Probabilities, not log-probabilities: a log-probability change is largest for tokens the
+model never predicts (-20 -> -15 is +5 nats of nothing), so it ranks junk subwords first;
+the change in probability mass says what the model now actually says more or less often.
 
 The baseline direction is a difference in means between two labelled sub-corpora
 (:func:`diff_in_means`, e.g. ``wiki-fr`` minus ``wiki-en``), evaluated the same way.
@@ -49,9 +53,9 @@ class SteeringResult:
     converged: bool
     """Whether ``kl`` is within the tolerance of ``target_kl``."""
     promoted: list[tuple[int, float]] = field(default_factory=list)
-    """(token id, mean change of log-probability), largest increase first."""
+    """(token id, mean change of next-token probability), largest increase first."""
     suppressed: list[tuple[int, float]] = field(default_factory=list)
-    """(token id, mean change of log-probability), largest decrease first."""
+    """(token id, mean change of next-token probability), largest decrease first."""
     evaluations: list[tuple[float, float]] = field(default_factory=list)
     """Every (alpha, kl) the search tried, in order."""
 
@@ -99,7 +103,7 @@ class SteeringEval:
     def evaluate(self, direction: torch.Tensor, alpha: float,
                  with_delta: bool = False) -> tuple[float, torch.Tensor | None]:  # fmt: skip
         """Mean KL(clean || steered) over counted positions, and optionally the mean change of
-        every token's log-probability ``[vocab]``."""
+        every token's next-token probability ``[vocab]``."""
         shift = (alpha * direction).to(self.loaded.device)
         kl_sum = 0.0
         delta = None
@@ -108,7 +112,7 @@ class SteeringEval:
                 steered = self._logprobs(ids, attn, m)
                 kl_sum += float((clean.exp() * (clean - steered)).sum())
                 if with_delta:
-                    d = (steered - clean).sum(0, dtype=torch.float64)
+                    d = (steered.exp() - clean.exp()).sum(0, dtype=torch.float64)
                     delta = d if delta is None else delta + d
         if delta is not None:
             delta = delta / self.n_positions

@@ -65,7 +65,7 @@ class SteeringRecord:
     kl: float
     target_kl: float
     converged: bool
-    promoted: list[tuple[str, float]]  # (token, mean change of log-prob)
+    promoted: list[tuple[str, float]]  # (token, mean change of next-token probability)
     suppressed: list[tuple[str, float]]
     evaluations: list[tuple[float, float]]  # (alpha, kl) the search tried
 

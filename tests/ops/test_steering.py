@@ -108,12 +108,14 @@ def test_steer_promotes_the_unembedding_direction(tiny):
     token = 57
     direction = np.linalg.pinv(w_down) @ w_u[token]
     ev = SteeringEval(tiny, layer, _batches(tiny.model.config.vocab_size))
-    res = steer(ev, direction, target_kl=1.0, tolerance=0.1)
+    res = steer(ev, direction, target_kl=3.0, tolerance=0.1)
     assert res.converged
     assert res.promoted[0][0] == token
-    # and the opposite direction suppresses it
-    res_neg = steer(ev, -direction, target_kl=1.0, tolerance=0.1)
-    assert res_neg.suppressed[0][0] == token
+    # steering against the token the model predicts most often suppresses it most (changes are
+    # in probability, so only a token with probability to lose can top the suppressed list)
+    likely = int(torch.cat([c.exp() for c in ev.clean]).mean(0).argmax())
+    res_neg = steer(ev, -np.linalg.pinv(w_down) @ w_u[likely], target_kl=3.0, tolerance=0.1)
+    assert res_neg.suppressed[0][0] == likely
 
 
 def test_steer_rejects_bad_direction(tiny):
