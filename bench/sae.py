@@ -6,7 +6,7 @@
 
 Both train a TopK SAE (AuxK on, unit-norm decoder, Adam, constant learning rate, float32, CPU
 or the one GPU) for ``--steps`` steps on the same batches: the layer's stored activation
-sample when ``--atlas`` has one, else synthetic MLP-like activations of SmolLM2's width.
+sample when ``--atlas`` has one, else synthetic MLP-like activations of SmolLM2's MLP width.
 SAELens runs its own trainer (``SAETrainer.fit`` with wandb off), so each side pays for its
 own bookkeeping (dead-latent counters, decoder normalisation, its gradient clipping and
 sparsity windows). Runs alternate and the best of ``--repeats`` counts, as the machine may be
@@ -47,7 +47,7 @@ def activations(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
             x = g["sample"][...][pos >= 0].astype(np.float32)
             return torch.from_numpy(x), f"{args.atlas} {args.model} L{args.layer} sample"
     rng = np.random.default_rng(0)
-    d, n = 576, 65536
+    d, n = 1536, 32768  # SmolLM2-135M MLP width
     feats = rng.standard_normal((4 * d, d)).astype(np.float32)
     codes = rng.exponential(1.0, (n, 4 * d)) * (rng.random((n, 4 * d)) < 0.01)
     x = codes.astype(np.float32) @ feats / 4 + 0.1 * rng.standard_normal((n, d))
