@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -95,3 +100,48 @@ def test_cli_view_refuses_a_missing_atlas(tmp_path, capsys) -> None:
 
     assert main(["view", str(tmp_path / "none.zarr")]) == 2
     assert "no atlas" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def server(atlas_path: str):
+    """The viewer served by uvicorn on a free port, in a thread."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(atlas_path), host="127.0.0.1", port=port,
+                                       log_level="warning"))  # fmt: skip
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    srv.should_exit = True
+    t.join(5)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page script")
+def test_page_script_clicks_through_a_live_viewer(server: str) -> None:
+    """The page's own JavaScript, run in node with a minimal DOM against the live server:
+    neuron list -> neuron (examples marked) -> features -> feature with steering -> error."""
+    here = Path(__file__).parent
+    page = Path(__file__).resolve().parents[2] / "viewer" / "index.html"
+    out = subprocess.run(["node", str(here / "page_driver.js"), str(page), server],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert f"<option>{MODEL}</option>" in r["models"]
+    assert "<th>max</th>" in r["neuronList"] and r["firstRow"]["i"].isdigit()
+    assert f"{MODEL} L0 N{r['firstRow']['i']}" in r["neuron"]
+    assert "<mark>" in r["neuron"] and "activation histogram" in r["neuron"]
+    assert "F1" in r["featureList"] and "rel_error 0.250" in r["featureList"]
+    assert "snmf/sn feature 1" in r["feature"] and "KL 0.490" in r["feature"]
+    assert "150.00pp" in r["feature"]  # the stored +1.5 probability change, as rendered
+    assert "nope" in r["badModel"]
