@@ -130,9 +130,10 @@ STREAM_DEAD_TOKENS = 10_000_000
 
 
 def train_sae_streamed(job: JobConfig, model: str, layer: int, run: SAERunConfig, ckpt: str,
-                       x_eval: torch.Tensor) -> dict:  # fmt: skip
+                       x_eval: torch.Tensor, stop_at: int | None = None) -> dict:  # fmt: skip
     """Train on every corpus token, streamed live from ``ShardWorker`` actors through a
-    shuffle buffer; the checkpoint holds the buffer, so a killed run resumes mid-stream."""
+    shuffle buffer; the checkpoint holds the buffer, so a killed run resumes mid-stream.
+    ``stop_at`` ends the run early at that step (checkpointed), as a kill would."""
     log = _logger()
     atlas = Atlas.open(job.atlas)
     spec = next(m for m in job.models if m.name == model)
@@ -158,8 +159,9 @@ def train_sae_streamed(job: JobConfig, model: str, layer: int, run: SAERunConfig
                  steps, m.get("fvu", float("nan")), m.get("l0", float("nan")),
                  m.get("dead_fraction", float("nan")))  # fmt: skip
 
-    state = sae_ops.train(sae, data, steps=steps, checkpoint=ckpt, checkpoint_every=500,
-                          log_every=log_every(steps), on_metrics=progress)  # fmt: skip
+    state = sae_ops.train(sae, data, steps=min(steps, stop_at or steps), checkpoint=ckpt,
+                          checkpoint_every=500, log_every=log_every(steps),
+                          on_metrics=progress)  # fmt: skip
     sd = {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()}
     return {"weights": sd, "metrics": sae_ops.metrics(sae, x_eval, state),
             "config": cfg.to_dict(), "history": state.history, "steps": state.step,

@@ -223,3 +223,22 @@ def test_activation_recorder_matches_the_stored_sample(dict_atlas) -> None:
     assert np.array_equal(flat[idx], pos[ok])
     np.testing.assert_allclose(out["acts"][idx].astype(np.float32),
                                rows[ok].astype(np.float32), rtol=1e-3, atol=1e-4)  # fmt: skip
+
+
+def test_streamed_sae_resumes_mid_stream(dict_atlas, tmp_path) -> None:
+    """Killed after a few steps and restarted from its checkpoint, a streamed run ends with the
+    same weights as an uninterrupted one (real workers, real stream, shard order)."""
+    from flows.dictionaries import train_sae_streamed
+
+    path, job, _ = dict_atlas
+    x, _ = _sample(Atlas.open(path))
+    x = torch.from_numpy(x)
+    run = next(r for r in job.dictionaries.sae if r.source == "stream")
+    full = train_sae_streamed(job, "tiny", 1, run, str(tmp_path / "a.pt"), x)
+    part = train_sae_streamed(job, "tiny", 1, run, str(tmp_path / "b.pt"), x, stop_at=9)
+    assert part["steps"] == 9
+    resumed = train_sae_streamed(job, "tiny", 1, run, str(tmp_path / "b.pt"), x)
+    assert resumed["steps"] == full["steps"] > 9
+    assert resumed["tokens_trained"] == full["tokens_trained"]
+    for k, v in full["weights"].items():
+        np.testing.assert_array_equal(resumed["weights"][k], v, err_msg=k)
