@@ -99,7 +99,18 @@ def cmd_info(args: argparse.Namespace) -> int:
             bar = "█" * int(round(40 * s["dead_frac"]))
             print(f"  L{layer:>3}  dead {s['dead_frac']:6.1%} {bar:<40} massive {s['massive']:>4}"
                   f"  mean freq>0 {s['mean_frac_active']:.3f}")  # fmt: skip
+        for layer, d in m.get("dictionaries", {}).items():
+            runs = ", ".join(
+                f"{key} ({', '.join(f'{k} {v:.3g}' for k, v in met.items() if k in SHOWN)})"
+                for key, met in d["runs"].items()
+            )
+            print(f"  L{layer:>3}  dictionaries: {runs or 'none'}; steering results: "
+                  f"{d['steering']}")  # fmt: skip
     return 0
+
+
+SHOWN = ("l0", "fvu", "dead_fraction", "ce_recovered", "rel_error")
+"""Dictionary metrics ``neuronmap info`` prints (``--json`` has them all)."""
 
 
 def cmd_neuron(args: argparse.Namespace) -> int:

@@ -547,6 +547,9 @@ class Atlas(UniversalityMixin, DictionariesMixin):
                     "tokens_per_second",
                 )  # fmt: skip
             } | {"layers": layers}
+            dicts = self.dictionary_overview(m)
+            if dicts:
+                out["models"][m]["dictionaries"] = dicts
         if self.families:
             out["families"] = {f: self.family(f).info() for f in self.families}
         if "universality" in self.root:

@@ -157,6 +157,19 @@ class DictionariesMixin:
             raise AtlasError(f"no stored direction {key!r} for {model!r} layer {layer}")
         return lg["steering"][name][...]
 
+    def dictionary_overview(self: Atlas, model: str) -> dict[int, dict[str, Any]]:
+        """Per layer: every run's metrics (``"<method>/<run>"``) and the steering result count."""
+        out: dict[int, dict[str, Any]] = {}
+        lg = self.model_group(model)["layers"]
+        for layer in sorted(int(k) for k in lg.group_keys()):
+            g = lg[str(layer)]
+            runs = {f"{m}/{r}": dict(g[m][r].attrs.get("metrics", {}))
+                    for m in METHODS if m in g for r in sorted(g[m].group_keys())}  # fmt: skip
+            n_steer = len(g["steering"].attrs.get("results", {})) if "steering" in g else 0
+            if runs or n_steer:
+                out[layer] = {"runs": runs, "steering": n_steer}
+        return out
+
     def dictionaries(self: Atlas, model: str, layer: int) -> dict[str, list[str]]:
         lg = self._layer_group(model, layer)
         return {m: sorted(lg[m].group_keys()) for m in METHODS if m in lg}

@@ -242,3 +242,19 @@ def test_streamed_sae_resumes_mid_stream(dict_atlas, tmp_path) -> None:
     assert resumed["tokens_trained"] == full["tokens_trained"]
     for k, v in full["weights"].items():
         np.testing.assert_array_equal(resumed["weights"][k], v, err_msg=k)
+
+
+def test_info_lists_dictionaries(dict_atlas, capsys) -> None:
+    import json
+
+    from flows.cli import main
+
+    path = str(dict_atlas[0])
+    assert main(["info", path, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["models"]["tiny"]["dictionaries"]["1"]
+    atlas = Atlas.open(path)
+    assert set(d["runs"]) == {"sae/tk", "sae/live", "snmf/sn"}
+    assert d["runs"]["sae/tk"] == atlas.dictionary("tiny", 1, "sae", "tk").attrs["metrics"]
+    assert d["steering"] == len(atlas.steering("tiny", 1)) >= 3
+    assert main(["info", path]) == 0
+    assert "dictionaries: sae/live (l0" in capsys.readouterr().out
