@@ -103,12 +103,19 @@ class DictionariesMixin:
         weights: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray],
         top_values: np.ndarray, top_positions: np.ndarray, attrs: Mapping[str, Any],
     ) -> None:  # fmt: skip
-        """Write one run whole, replacing an earlier run of the same name."""
+        """Write one run whole, replacing an earlier run of the same name (and dropping the
+        steering results of its old features, which described other directions)."""
         if method not in METHODS:
             raise AtlasError(f"unknown dictionary method {method!r}; use one of {METHODS}")
-        mg = self._layer_group(model, layer).require_group(method)
+        lg = self._layer_group(model, layer)
+        mg = lg.require_group(method)
         if run in mg:
             del mg[run]
+        if "steering" in lg:
+            prefix = steering_key(method, run, 0)[:-1]
+            results = dict(lg["steering"].attrs.get("results", {}))
+            lg["steering"].attrs["results"] = {k: v for k, v in results.items()
+                                               if not k.startswith(prefix)}  # fmt: skip
         g = mg.create_group(run)
         for k, v in weights.items():
             g.create_array(k, data=np.asarray(v))

@@ -531,3 +531,19 @@ def test_concurrent_workers_create_the_work_group(rw: Atlas) -> None:
         assert pool.map(_write_partial, [(rw.path, s) for s in range(16)]) == list(range(16))
     for s in range(16):
         np.testing.assert_array_equal(rw.read_partial(MODEL, s)["x"], np.full(3, s))
+
+
+def test_rewriting_a_dictionary_drops_its_stale_steering(rw: Atlas) -> None:
+    def write(run: str) -> None:
+        rw.write_dictionary(MODEL, 1, "snmf", run, {"Z": np.ones((D_MLP, 2))},
+                            {"max": np.ones(2)}, np.zeros((2, 1)), np.zeros((2, 1)), {})  # fmt: skip
+
+    result = {"alpha": 1.0, "alpha_rel": 1.0, "kl": 0.5, "target_kl": 0.5, "converged": True,
+              "promoted": [[1, 0.1]], "suppressed": [[2, -0.1]], "evaluations": [[1.0, 0.5]]}  # fmt: skip
+    write("a")
+    write("ab")
+    rw.write_steering(MODEL, 1, {"snmf/a/0": result, "snmf/ab/1": result,
+                                 "diffmeans/x-vs-y": result}, {"diffmeans/x-vs-y": np.ones(D_MLP)})  # fmt: skip
+    write("a")  # retrained: its features are new directions
+    assert sorted(rw.steering(MODEL, 1)) == ["diffmeans/x-vs-y", "snmf/ab/1"]
+    np.testing.assert_array_equal(rw.steering_direction(MODEL, 1, "diffmeans/x-vs-y"), 1.0)
