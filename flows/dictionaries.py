@@ -15,8 +15,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -406,6 +409,11 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
     log = get_run_logger()
     atlas = Atlas.open(job.atlas, mode="r+")
     model, layer, steering = dcfg.model, dcfg.layer, dcfg.steering
+    fp = dictionaries_fingerprint(dcfg, atlas.model_attrs(model)["fingerprint"])
+    entry = atlas.done("dictionaries")
+    if entry.get("complete") and entry.get("fingerprint") == fp:
+        log.info("dictionaries of %s L%d already learned with this config", model, layer)
+        return stored_summary(atlas, model, layer)
     # bad contrast sources fail before minutes of training
     baseline = ({contrast_key(*steering.contrast):
                  contrast_direction(atlas, model, layer, steering.contrast)}
@@ -416,11 +424,12 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
     ensure_ray(job.resources.ray_address, job.resources.workers)
     work = Path(job.atlas) / "_work" / "dictionaries"
     work.mkdir(parents=True, exist_ok=True)
+    # checkpoints are keyed by the stage fingerprint: a changed config never resumes an old run
     sae_refs = {run.name: _train_sae.remote(job.atlas, model, layer, run,
-                                            str(work / f"sae-{run.name}.pt"))
+                                            str(work / f"sae-{run.name}-{fp}.pt"))
                 for run in dcfg.sae if run.source == "sample"}  # fmt: skip
     streamed = {run.name: train_sae_streamed(job, model, layer, run,
-                                             str(work / f"sae-{run.name}.pt"), x)
+                                             str(work / f"sae-{run.name}-{fp}.pt"), x)
                 for run in dcfg.sae if run.source == "stream"}  # fmt: skip
     snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
     saes = {name: ray.get(ref) for name, ref in sae_refs.items()} | streamed
@@ -445,7 +454,6 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
         job, dcfg, {k: d for k, (d, _) in feats.items()},
         {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
 
-    summary: dict[str, dict] = {}
     sources = {run.name: run.source for run in dcfg.sae}
     for name, s in saes.items():
         stats, tv, tp = feats[f"sae/{name}"][1]
@@ -458,7 +466,6 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
                                 "history": s["history"][-50:], "tokens": len(x),
                                 "tokens_trained": s["tokens_trained"],
                                 "source": sources[name]})  # fmt: skip
-        summary[f"sae/{name}"] = metrics
         log.info("sae %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
     for name, r in snmf.items():
         stats, tv, tp = feats[f"snmf/{name}"][1]
@@ -469,11 +476,26 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
         atlas.write_dictionary(model, layer, "snmf", name, weights, stats, tv, tp,
                                {"metrics": metrics, "loss_history": r.loss_history,
                                 "tokens": len(x)})  # fmt: skip
-        summary[f"snmf/{name}"] = metrics
         log.info("snmf %s: %s", name, metrics)
     if measures.get("steering"):
         atlas.write_steering(model, layer, measures["steering"], baseline)
         for key, res in measures["steering"].items():
-            summary[f"steering/{key}"] = {k: res[k] for k in ("alpha_rel", "kl", "converged")}
             log.info("steering %s: alpha_rel %.3g kl %.3f", key, res["alpha_rel"], res["kl"])
-    return summary
+    atlas.mark("dictionaries", fp, complete=True)
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints of finished runs
+    atlas.touch()
+    return stored_summary(atlas, model, layer)
+
+
+def dictionaries_fingerprint(dcfg: DictionariesConfig, model_fingerprint: str) -> str:
+    """Content key of the stage: its config and the recorded activations it learns from."""
+    blob = json.dumps([dcfg.model_dump(mode="json"), model_fingerprint], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stored_summary(atlas: Atlas, model: str, layer: int) -> dict[str, dict]:
+    """The stage's result as stored: every run's metrics, every steering result's fit."""
+    runs = atlas.dictionary_overview(model).get(layer, {}).get("runs", {})
+    steer = {f"steering/{k}": {"alpha_rel": r.alpha_rel, "kl": r.kl, "converged": r.converged}
+             for k, r in atlas.steering(model, layer).items()}  # fmt: skip
+    return runs | steer

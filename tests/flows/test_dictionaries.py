@@ -258,3 +258,16 @@ def test_info_lists_dictionaries(dict_atlas, capsys) -> None:
     assert d["steering"] == len(atlas.steering("tiny", 1)) >= 3
     assert main(["info", path]) == 0
     assert "dictionaries: sae/live (l0" in capsys.readouterr().out
+
+
+def test_rerun_of_a_finished_job_keeps_the_dictionaries(dict_atlas) -> None:
+    """Rerunning the finished job retrains nothing: same summary, same files, no leftovers."""
+    from flows.pipeline import map_neurons
+
+    path, job, out = dict_atlas
+    w_dec = path / "models/tiny/layers/1/sae/tk/W_dec/zarr.json"
+    before = w_dec.stat().st_mtime_ns
+    assert not (path / "_work" / "dictionaries").exists()  # checkpoints dropped when done
+    again = map_neurons(job)["dictionaries"]
+    assert {k: again[k] for k in out["dictionaries"]} == out["dictionaries"]
+    assert w_dec.stat().st_mtime_ns == before
