@@ -463,7 +463,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
         weights |= {k: meas[k] for k in ("promoted", "suppressed") if k in meas}
         atlas.write_dictionary(model, layer, "sae", name, weights, stats, tv, tp,
                                {"config": s["config"], "metrics": metrics, "steps": s["steps"],
-                                "history": s["history"][-50:], "tokens": len(x),
+                                "history": thin(s["history"], 200), "tokens": len(x),
                                 "tokens_trained": s["tokens_trained"],
                                 "source": sources[name]})  # fmt: skip
         log.info("sae %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
@@ -485,6 +485,14 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
     shutil.rmtree(work, ignore_errors=True)  # checkpoints of finished runs
     atlas.touch()
     return stored_summary(atlas, model, layer)
+
+
+def thin(rows: list, most: int) -> list:
+    """At most ``most`` evenly spaced rows, first and last included (training curves)."""
+    if len(rows) <= most:
+        return rows
+    idx = np.unique(np.linspace(0, len(rows) - 1, most).round().astype(int))
+    return [rows[i] for i in idx]
 
 
 def dictionaries_fingerprint(dcfg: DictionariesConfig, model_fingerprint: str) -> str:

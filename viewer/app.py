@@ -108,8 +108,8 @@ def create_app(atlas_path: str) -> FastAPI:
             owner = atlas.owner(model)
             g = owner.dictionary(model, layer, method, run)
             order = np.argsort(-g["stats"]["max"][...], kind="stable")[:top]
-            return {"run": g.basename, "attrs": {k_: g.attrs.get(k_) for k_ in
-                                                 ("metrics", "config", "tokens", "source")},
+            keys = ("metrics", "config", "tokens", "source", "history", "loss_history")
+            return {"run": g.basename, "attrs": {k_: g.attrs.get(k_) for k_ in keys},
                     "features": [owner.feature(model, layer, method, int(i), g.basename, k=k)
                                  .to_dict() for i in order]}  # fmt: skip
 

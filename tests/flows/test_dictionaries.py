@@ -271,3 +271,12 @@ def test_rerun_of_a_finished_job_keeps_the_dictionaries(dict_atlas) -> None:
     again = map_neurons(job)["dictionaries"]
     assert {k: again[k] for k in out["dictionaries"]} == out["dictionaries"]
     assert w_dec.stat().st_mtime_ns == before
+
+
+def test_thin_keeps_ends_and_bounds_length() -> None:
+    from flows.dictionaries import thin
+
+    rows = list(range(1000))
+    out = thin(rows, 200)
+    assert len(out) == 200 and out[0] == 0 and out[-1] == 999 and out == sorted(out)
+    assert thin(rows[:50], 200) == rows[:50]

@@ -30,7 +30,7 @@ def atlas_path(tmp_path_factory) -> str:
                                  "promoted": np.array([[1, 2]] * N_FEAT),
                                  "suppressed": np.array([[5, 9]] * N_FEAT)},
         stats, np.full((N_FEAT, 2), np.nan, np.float32), np.full((N_FEAT, 2), -1),
-        {"metrics": {"rel_error": 0.25}},
+        {"metrics": {"rel_error": 0.25}, "loss_history": [4.0, 3.0, 2.5]},
     )  # fmt: skip
     atlas.write_steering(MODEL, 1, {"snmf/sn/1": {
         "alpha": 2.0, "alpha_rel": 0.5, "kl": 0.49, "target_kl": 0.5, "converged": True,
@@ -142,6 +142,7 @@ def test_page_script_clicks_through_a_live_viewer(server: str) -> None:
     assert f"{MODEL} L0 N{r['firstRow']['i']}" in r["neuron"]
     assert "<mark>" in r["neuron"] and "activation histogram" in r["neuron"]
     assert "F1" in r["featureList"] and "rel_error 0.250" in r["featureList"]
+    assert "SNMF loss: 4.000 → 2.500" in r["featureList"] and "<polyline" in r["featureList"]
     assert "snmf/sn feature 1" in r["feature"] and "KL 0.490" in r["feature"]
     assert "150.00pp" in r["feature"]  # the stored +1.5 probability change, as rendered
     assert "nope" in r["badModel"]
