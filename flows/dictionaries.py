@@ -28,20 +28,29 @@ import numpy as np
 import ray
 import torch
 from prefect import get_run_logger, task
+from tqdm.auto import tqdm
 
 from flows.config import (
     DictionariesConfig,
     JobConfig,
     JobConfigError,
+    ModelConfig,
     SAERunConfig,
     SNMFRunConfig,
     SteeringConfig,
 )
-from flows.record import ActivationRecorder, attention_mask, ensure_ray, iter_shards
+from flows.record import (
+    ActivationRecorder,
+    attention_mask,
+    ensure_ray,
+    iter_shards,
+    run_shards,
+)
 from flows.tasks import TASK
 from ops import sae as sae_ops
 from ops import snmf as snmf_ops
-from ops.stats import NeuronAccumulator, finalize, hist_spec
+from ops.models import capture_mlp, forward_until
+from ops.stats import NeuronAccumulator, StatsPartial, finalize, hist_spec, merge_partials
 from storage.atlas import Atlas
 from storage.dictionaries import contrast_key, steering_key
 
@@ -74,6 +83,85 @@ def feature_stats(
     part = acc.partial()
     stats = finalize(part, r.dead_frequency, r.massive_threshold)
     return stats, part.top_values, part.top_positions
+
+
+class FeatureRecorder:
+    """SAE feature activations of every recorded token of a shard, folded into mergeable
+    statistics (one partial per run): features get the corpus-wide pass neurons get."""
+
+    def __init__(self, model: ModelConfig, job: JobConfig, atlas_path: str, layer: int,
+                 saes: dict[str, dict], device: str | None = None):  # fmt: skip
+        from transformers.utils import logging as hf_logging
+
+        from ops.models import load_model
+
+        hf_logging.disable_progress_bar()
+        self.loaded = load_model(model.source, dtype=model.dtype, device=device,
+                                 revision=model.revision, with_tokenizer=False)  # fmt: skip
+        dev = self.loaded.device
+        self.saes = {n: _sae_from(s["weights"], s["config"]).to(dev) for n, s in saes.items()}
+        self.atlas = Atlas.open(atlas_path, mode="r+")
+        self.model, self.layer, self.rec = model.name, layer, job.record
+        self.spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
+        self.seq_len = int(self.atlas.corpus.attrs["seq_len"])
+
+    @torch.no_grad()
+    def record(self, shard: int) -> dict[str, Any]:
+        start, _ = self.atlas.shard_ranges()[shard]
+        tokens, mask = self.atlas.read_shard(shard)
+        dev = self.loaded.device
+        accs = {n: NeuronAccumulator(sae.cfg.n_latents, self.rec.topk, self.spec, dev)
+                for n, sae in self.saes.items()}  # fmt: skip
+        state: dict[str, torch.Tensor] = {}
+
+        def on_act(_layer: int, act: torch.Tensor) -> None:
+            x = act.reshape(-1, act.shape[-1]).index_select(0, state["rows"]).float()
+            for n, sae in self.saes.items():
+                accs[n].update(sae.encode(x), state["positions"])
+
+        bs = self.rec.batch_size
+        n_tok = 0
+        with capture_mlp(self.loaded, [self.layer], on_act):
+            for a in range(0, len(tokens), bs):
+                m = mask[a : a + bs]
+                rows = np.flatnonzero(m.reshape(-1))
+                if len(rows) == 0:
+                    continue
+                state["rows"] = torch.from_numpy(rows).to(dev)
+                state["positions"] = torch.from_numpy((start + a) * self.seq_len + rows).to(dev)
+                n_tok += len(rows)
+                forward_until(self.loaded, torch.from_numpy(tokens[a : a + bs].astype(np.int64)),
+                              torch.from_numpy(attention_mask(m)), self.layer)  # fmt: skip
+        for n, acc in accs.items():
+            self.atlas.write_partial(_partial_key(self.model, n), shard, acc.partial().to_arrays())
+        return {"shard": shard, "tokens": n_tok}
+
+
+def _partial_key(model: str, run: str) -> str:
+    return f"{model}.sae.{run}"
+
+
+def corpus_feature_stats(job: JobConfig, model: str, layer: int,
+                         saes: dict[str, dict]) -> dict[str, tuple]:  # fmt: skip
+    """(stats, top values, top positions) of every SAE run's features over the whole corpus."""
+    log = _logger()
+    atlas = Atlas.open(job.atlas, mode="r+")
+    spec = next(m for m in job.models if m.name == model)
+    shards = list(range(len(atlas.shard_ranges())))
+    bar = tqdm(total=len(shards), desc=f"feature stats {model} L{layer}", unit="shard")
+    run_shards(FeatureRecorder, (spec, job, job.atlas, layer, saes), {}, shards,
+               job.resources, lambda _out: bar.update())  # fmt: skip
+    bar.close()
+    out = {}
+    for name in saes:
+        key = _partial_key(model, name)
+        merged = merge_partials([StatsPartial.from_arrays(atlas.read_partial(key, s))
+                                 for s in shards])  # fmt: skip
+        out[name] = (finalize(merged, job.record.dead_frequency, job.record.massive_threshold),
+                     merged.top_values, merged.top_positions)  # fmt: skip
+        atlas.drop_partials(key)
+        log.info("sae %s: feature statistics over %d corpus tokens", name, merged.n)
+    return out
 
 
 # ------------------------------------------------------------------ SAE
@@ -434,9 +522,14 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
     snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
     saes = {name: ray.get(ref) for name, ref in sae_refs.items()} | streamed
 
-    # feature activations over the sample -> neuron-style statistics
+    # feature activations -> neuron-style statistics (SAEs over the corpus by default)
     feats: dict[str, tuple[np.ndarray, tuple]] = {}  # key -> (directions [n, d], stats)
+    if dcfg.feature_stats == "corpus" and saes:
+        for name, st in corpus_feature_stats(job, model, layer, saes).items():
+            feats[f"sae/{name}"] = (saes[name]["weights"]["W_dec"], st)
     for name, s in saes.items():
+        if f"sae/{name}" in feats:
+            continue
         sae = _sae_from(s["weights"], s["config"])
         with torch.no_grad():
             acts = torch.cat([sae.encode(x[a : a + 4096]) for a in range(0, len(x), 4096)])
@@ -465,7 +558,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
                                {"config": s["config"], "metrics": metrics, "steps": s["steps"],
                                 "history": thin(s["history"], 200), "tokens": len(x),
                                 "tokens_trained": s["tokens_trained"],
-                                "source": sources[name]})  # fmt: skip
+                                "source": sources[name], "feature_stats": dcfg.feature_stats})  # fmt: skip
         log.info("sae %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
     for name, r in snmf.items():
         stats, tv, tp = feats[f"snmf/{name}"][1]
@@ -475,7 +568,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
                    "iters": len(r.loss_history), "loss": r.loss_history[r.best_iter]}  # fmt: skip
         atlas.write_dictionary(model, layer, "snmf", name, weights, stats, tv, tp,
                                {"metrics": metrics, "loss_history": r.loss_history,
-                                "tokens": len(x)})  # fmt: skip
+                                "tokens": len(x), "feature_stats": "sample"})  # fmt: skip
         log.info("snmf %s: %s", name, metrics)
     if measures.get("steering"):
         atlas.write_steering(model, layer, measures["steering"], baseline)

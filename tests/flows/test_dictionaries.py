@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flows.config import parse_job
+from flows.record import attention_mask
 from storage.atlas import Atlas
 
 
@@ -65,11 +66,6 @@ def test_sae_is_stored_with_metrics_that_recompute(dict_atlas) -> None:
     fvu = ((x64 - xh64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum()
     assert fvu == pytest.approx(m["fvu"], rel=1e-3)
     assert (z > 0).sum(1).float().mean().item() == pytest.approx(m["l0"], rel=1e-3)
-    # feature statistics are over the sample tokens, top examples at sample positions
-    st = atlas.dictionary("tiny", 1, "sae", "tk")["stats"]
-    np.testing.assert_allclose(st["max"][...], z.numpy().max(0), rtol=1e-5)
-    top = g["topk"]["positions"][...]
-    assert np.isin(top[top >= 0], pos).all()
     assert out["dictionaries"]["sae/tk"]["fvu"] == pytest.approx(m["fvu"])
 
 
@@ -280,3 +276,40 @@ def test_thin_keeps_ends_and_bounds_length() -> None:
     out = thin(rows, 200)
     assert len(out) == 200 and out[0] == 0 and out[-1] == 999 and out == sorted(out)
     assert thin(rows[:50], 200) == rows[:50]
+
+
+def test_sae_feature_stats_cover_the_whole_corpus(dict_atlas) -> None:
+    """Like a neuron's: every corpus token, recomputed here in float64 from a plain forward."""
+    from ops import sae as sae_ops
+    from ops.models import capture_mlp, load_model
+
+    path, job, _ = dict_atlas
+    atlas = Atlas.open(path)
+    g = atlas.dictionary("tiny", 1, "sae", "tk")
+    assert g.attrs["feature_stats"] == "corpus"
+    sae = sae_ops.build_sae(sae_ops.SAEConfig.from_dict(g.attrs["config"]))
+    sae.load_state_dict({k: torch.from_numpy(np.array(g[k][...])) for k in sae.state_dict()})
+    lm = load_model(job.models[0].source, dtype="float32", device="cpu", with_tokenizer=False)
+    tokens, mask = atlas.corpus["tokens"][...], atlas.corpus["mask"][...]
+    zs, pos = [], []
+    with capture_mlp(lm, [1], lambda _l, a: zs.append(a.reshape(-1, a.shape[-1]).clone())):
+        for r in range(0, len(tokens), 16):
+            ids = torch.from_numpy(tokens[r : r + 16].astype(np.int64))
+            with torch.no_grad():
+                lm.model(input_ids=ids, attention_mask=torch.from_numpy(
+                    attention_mask(mask[r : r + 16])))  # fmt: skip
+            pos.append(r * tokens.shape[1] + np.flatnonzero(mask[r : r + 16].reshape(-1)))
+    acts = torch.cat(zs)
+    pos = np.concatenate(pos)
+    with torch.no_grad():
+        z = sae.encode(acts[torch.from_numpy(pos)]).double().numpy()
+    st = {k: g["stats"][k][...] for k in ("count", "mean", "max", "frac_active")}
+    assert (st["count"] == len(pos)).all() and len(pos) == np.count_nonzero(mask)
+    np.testing.assert_allclose(st["max"], z.max(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st["mean"], z.mean(0), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(st["frac_active"], (z > 0).mean(0), atol=2 / len(pos))
+    top = g["topk"]["positions"][...][:, 0]
+    live = st["max"] > 0
+    np.testing.assert_allclose(z[np.searchsorted(pos, top[live]), np.flatnonzero(live)],
+                               st["max"][live], rtol=1e-4)  # fmt: skip
+    assert not np.isin(top[live], atlas.corpus["sample_positions"][...]).all()
