@@ -45,6 +45,7 @@ from flows.record import (
     ensure_ray,
     iter_shards,
     run_shards,
+    shard_batches,
 )
 from flows.tasks import TASK
 from ops import sae as sae_ops
@@ -103,12 +104,9 @@ class FeatureRecorder:
         self.atlas = Atlas.open(atlas_path, mode="r+")
         self.model, self.layer, self.rec = model.name, layer, job.record
         self.spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
-        self.seq_len = int(self.atlas.corpus.attrs["seq_len"])
 
     @torch.no_grad()
     def record(self, shard: int) -> dict[str, Any]:
-        start, _ = self.atlas.shard_ranges()[shard]
-        tokens, mask = self.atlas.read_shard(shard)
         dev = self.loaded.device
         accs = {n: NeuronAccumulator(sae.cfg.n_latents, self.rec.topk, self.spec, dev)
                 for n, sae in self.saes.items()}  # fmt: skip
@@ -119,19 +117,13 @@ class FeatureRecorder:
             for n, sae in self.saes.items():
                 accs[n].update(sae.encode(x), state["positions"])
 
-        bs = self.rec.batch_size
         n_tok = 0
         with capture_mlp(self.loaded, [self.layer], on_act):
-            for a in range(0, len(tokens), bs):
-                m = mask[a : a + bs]
-                rows = np.flatnonzero(m.reshape(-1))
-                if len(rows) == 0:
-                    continue
+            for ids, attn, rows, pos in shard_batches(self.atlas, shard, self.rec.batch_size):
                 state["rows"] = torch.from_numpy(rows).to(dev)
-                state["positions"] = torch.from_numpy((start + a) * self.seq_len + rows).to(dev)
+                state["positions"] = torch.from_numpy(pos).to(dev)
                 n_tok += len(rows)
-                forward_until(self.loaded, torch.from_numpy(tokens[a : a + bs].astype(np.int64)),
-                              torch.from_numpy(attention_mask(m)), self.layer)  # fmt: skip
+                forward_until(self.loaded, ids, attn, self.layer)
         for n, acc in accs.items():
             self.atlas.write_partial(_partial_key(self.model, n), shard, acc.partial().to_arrays())
         return {"shard": shard, "tokens": n_tok}

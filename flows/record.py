@@ -225,6 +225,21 @@ def run_shards(
     return results
 
 
+def shard_batches(atlas: Atlas, shard: int, batch_size: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]]:  # fmt: skip
+    """A shard's batches with at least one recorded token: ``(input_ids, attention_mask,
+    rows, positions)``, ``rows`` indexing the flattened batch, ``positions`` the corpus."""
+    start, _ = atlas.shard_ranges()[shard]
+    tokens, mask = atlas.read_shard(shard)
+    seq_len = tokens.shape[1]
+    for a in range(0, len(tokens), batch_size):
+        m = mask[a : a + batch_size]
+        rows = np.flatnonzero(m.reshape(-1))
+        if len(rows):
+            yield (torch.from_numpy(tokens[a : a + batch_size].astype(np.int64)),
+                   torch.from_numpy(attention_mask(m)), rows, (start + a) * seq_len + rows)  # fmt: skip
+
+
 class ActivationRecorder:
     """Returns one layer's MLP activations at every recorded position of a shard, in corpus
     order, as float16 ``[tokens, d_mlp]`` (for live SAE training: no activation dump)."""
@@ -240,7 +255,6 @@ class ActivationRecorder:
         self.layer, self.batch_size = layer, batch_size
 
     def record(self, shard: int) -> dict[str, Any]:
-        tokens, mask = self.atlas.read_shard(shard)
         out: list[torch.Tensor] = []
         rows: dict[str, torch.Tensor] = {}
 
@@ -249,15 +263,9 @@ class ActivationRecorder:
             out.append(flat.index_select(0, rows["rows"]).to(torch.float16).cpu())
 
         with capture_mlp(self.loaded, [self.layer], on_act):
-            for a in range(0, len(tokens), self.batch_size):
-                m = mask[a : a + self.batch_size]
-                r = np.flatnonzero(m.reshape(-1))
-                if len(r) == 0:
-                    continue
+            for ids, attn, r, _ in shard_batches(self.atlas, shard, self.batch_size):
                 rows["rows"] = torch.from_numpy(r).to(self.loaded.device)
-                forward_until(self.loaded, torch.from_numpy(tokens[a : a + self.batch_size]
-                                                            .astype(np.int64)),
-                              torch.from_numpy(attention_mask(m)), self.layer)  # fmt: skip
+                forward_until(self.loaded, ids, attn, self.layer)
         acts = torch.cat(out).numpy() if out else np.zeros((0, self.loaded.d_mlp), np.float16)
         return {"shard": shard, "acts": acts, "tokens": len(acts)}
 
