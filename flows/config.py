@@ -253,10 +253,9 @@ class DictionariesConfig(_Strict):
     ce_batches: int = Field(4, ge=1, description="Batches used to measure CE loss recovered.")
     feature_stats: Literal["corpus", "sample"] = Field(
         "corpus",
-        description="Where SAE feature statistics and top examples come from: every corpus "
-        "token, like neurons (one more pass of the model up to the layer), or the stored "
-        "sample. SNMF features always use the sample: their coefficients exist only for the "
-        "tokens factorised.",
+        description="Where feature statistics and top examples come from: every corpus token, "
+        "like neurons (one more pass of the model up to the layer; SNMF coefficients of unseen "
+        "tokens by nonnegative least squares under the fitted Z), or the stored sample.",
     )
     steering: SteeringConfig | None = Field(
         None, description="Steering evaluation of features and a difference-in-means baseline."

@@ -87,11 +87,16 @@ def feature_stats(
 
 
 class FeatureRecorder:
-    """SAE feature activations of every recorded token of a shard, folded into mergeable
-    statistics (one partial per run): features get the corpus-wide pass neurons get."""
+    """Feature activations of every recorded token of a shard, folded into mergeable
+    statistics (one partial per run): features get the corpus-wide pass neurons get.
+
+    SAE features are the encoder's output; SNMF features are the coefficients of the token
+    under the fitted ``Z`` (``ops.snmf.transform``: nonnegative least squares per token).
+    """
 
     def __init__(self, model: ModelConfig, job: JobConfig, atlas_path: str, layer: int,
-                 saes: dict[str, dict], device: str | None = None):  # fmt: skip
+                 saes: dict[str, dict], snmfs: dict[str, np.ndarray],
+                 device: str | None = None):  # fmt: skip
         from transformers.utils import logging as hf_logging
 
         from ops.models import load_model
@@ -100,7 +105,14 @@ class FeatureRecorder:
         self.loaded = load_model(model.source, dtype=model.dtype, device=device,
                                  revision=model.revision, with_tokenizer=False)  # fmt: skip
         dev = self.loaded.device
-        self.saes = {n: _sae_from(s["weights"], s["config"]).to(dev) for n, s in saes.items()}
+        self.encoders: dict[str, Any] = {
+            f"sae/{n}": _sae_from(s["weights"], s["config"]).to(dev).encode for n, s in saes.items()
+        }
+        for n, z in snmfs.items():
+            zt = torch.from_numpy(np.asarray(z, np.float32)).to(dev)
+            self.encoders[f"snmf/{n}"] = partial(_snmf_encode, zt)
+        self.widths = {k: (saes[k[4:]]["weights"]["W_dec"].shape[0] if k.startswith("sae/")
+                           else snmfs[k[5:]].shape[1]) for k in self.encoders}  # fmt: skip
         self.atlas = Atlas.open(atlas_path, mode="r+")
         self.model, self.layer, self.rec = model.name, layer, job.record
         self.spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
@@ -108,14 +120,14 @@ class FeatureRecorder:
     @torch.no_grad()
     def record(self, shard: int) -> dict[str, Any]:
         dev = self.loaded.device
-        accs = {n: NeuronAccumulator(sae.cfg.n_latents, self.rec.topk, self.spec, dev)
-                for n, sae in self.saes.items()}  # fmt: skip
+        accs = {k: NeuronAccumulator(w, self.rec.topk, self.spec, dev)
+                for k, w in self.widths.items()}  # fmt: skip
         state: dict[str, torch.Tensor] = {}
 
         def on_act(_layer: int, act: torch.Tensor) -> None:
             x = act.reshape(-1, act.shape[-1]).index_select(0, state["rows"]).float()
-            for n, sae in self.saes.items():
-                accs[n].update(sae.encode(x), state["positions"])
+            for k, encode in self.encoders.items():
+                accs[k].update(encode(x), state["positions"])
 
         n_tok = 0
         with capture_mlp(self.loaded, [self.layer], on_act):
@@ -124,35 +136,41 @@ class FeatureRecorder:
                 state["positions"] = torch.from_numpy(pos).to(dev)
                 n_tok += len(rows)
                 forward_until(self.loaded, ids, attn, self.layer)
-        for n, acc in accs.items():
-            self.atlas.write_partial(_partial_key(self.model, n), shard, acc.partial().to_arrays())
+        for k, acc in accs.items():
+            self.atlas.write_partial(_partial_key(self.model, k), shard, acc.partial().to_arrays())
         return {"shard": shard, "tokens": n_tok}
 
 
-def _partial_key(model: str, run: str) -> str:
-    return f"{model}.sae.{run}"
+def _snmf_encode(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[T, d]`` activations -> ``[T, k]`` SNMF coefficients under ``z [d, k]``."""
+    return snmf_ops.transform(x.T, z).T
 
 
-def corpus_feature_stats(job: JobConfig, model: str, layer: int,
-                         saes: dict[str, dict]) -> dict[str, tuple]:  # fmt: skip
-    """(stats, top values, top positions) of every SAE run's features over the whole corpus."""
+def _partial_key(model: str, key: str) -> str:
+    return f"{model}.{key.replace('/', '.')}"
+
+
+def corpus_feature_stats(job: JobConfig, model: str, layer: int, saes: dict[str, dict],
+                         snmfs: dict[str, np.ndarray]) -> dict[str, tuple]:  # fmt: skip
+    """``"sae/<run>"`` / ``"snmf/<run>"`` -> (stats, top values, top positions) of every
+    feature over the whole corpus."""
     log = _logger()
     atlas = Atlas.open(job.atlas, mode="r+")
     spec = next(m for m in job.models if m.name == model)
     shards = list(range(len(atlas.shard_ranges())))
     bar = tqdm(total=len(shards), desc=f"feature stats {model} L{layer}", unit="shard")
-    run_shards(FeatureRecorder, (spec, job, job.atlas, layer, saes), {}, shards,
+    run_shards(FeatureRecorder, (spec, job, job.atlas, layer, saes, snmfs), {}, shards,
                job.resources, lambda _out: bar.update())  # fmt: skip
     bar.close()
     out = {}
-    for name in saes:
-        key = _partial_key(model, name)
-        merged = merge_partials([StatsPartial.from_arrays(atlas.read_partial(key, s))
+    for key in [f"sae/{n}" for n in saes] + [f"snmf/{n}" for n in snmfs]:
+        pk = _partial_key(model, key)
+        merged = merge_partials([StatsPartial.from_arrays(atlas.read_partial(pk, s))
                                  for s in shards])  # fmt: skip
-        out[name] = (finalize(merged, job.record.dead_frequency, job.record.massive_threshold),
-                     merged.top_values, merged.top_positions)  # fmt: skip
-        atlas.drop_partials(key)
-        log.info("sae %s: feature statistics over %d corpus tokens", name, merged.n)
+        out[key] = (finalize(merged, job.record.dead_frequency, job.record.massive_threshold),
+                    merged.top_values, merged.top_positions)  # fmt: skip
+        atlas.drop_partials(pk)
+        log.info("%s: feature statistics over %d corpus tokens", key, merged.n)
     return out
 
 
@@ -514,20 +532,22 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
     snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
     saes = {name: ray.get(ref) for name, ref in sae_refs.items()} | streamed
 
-    # feature activations -> neuron-style statistics (SAEs over the corpus by default)
+    # feature activations -> neuron-style statistics, over the corpus (default) or the sample
     feats: dict[str, tuple[np.ndarray, tuple]] = {}  # key -> (directions [n, d], stats)
-    if dcfg.feature_stats == "corpus" and saes:
-        for name, st in corpus_feature_stats(job, model, layer, saes).items():
-            feats[f"sae/{name}"] = (saes[name]["weights"]["W_dec"], st)
-    for name, s in saes.items():
-        if f"sae/{name}" in feats:
-            continue
-        sae = _sae_from(s["weights"], s["config"])
-        with torch.no_grad():
-            acts = torch.cat([sae.encode(x[a : a + 4096]) for a in range(0, len(x), 4096)])
-        feats[f"sae/{name}"] = (s["weights"]["W_dec"], feature_stats(acts, positions, job))
-    for name, r in snmf.items():
-        feats[f"snmf/{name}"] = (r.z.numpy().T, feature_stats(r.y.T.contiguous(), positions, job))
+    if dcfg.feature_stats == "corpus" and (saes or snmf):
+        stats = corpus_feature_stats(job, model, layer, saes,
+                                     {n: r.z.numpy() for n, r in snmf.items()})  # fmt: skip
+        feats |= {f"sae/{n}": (s["weights"]["W_dec"], stats[f"sae/{n}"]) for n, s in saes.items()}
+        feats |= {f"snmf/{n}": (r.z.numpy().T, stats[f"snmf/{n}"]) for n, r in snmf.items()}
+    else:
+        for name, s in saes.items():
+            sae = _sae_from(s["weights"], s["config"])
+            with torch.no_grad():
+                acts = torch.cat([sae.encode(x[a : a + 4096]) for a in range(0, len(x), 4096)])
+            feats[f"sae/{name}"] = (s["weights"]["W_dec"], feature_stats(acts, positions, job))
+        for name, r in snmf.items():
+            feats[f"snmf/{name}"] = (r.z.numpy().T,
+                                     feature_stats(r.y.T.contiguous(), positions, job))  # fmt: skip
 
     steer_dirs = dict(baseline)
     if steering is not None:
@@ -560,7 +580,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig) -> dict:
                    "iters": len(r.loss_history), "loss": r.loss_history[r.best_iter]}  # fmt: skip
         atlas.write_dictionary(model, layer, "snmf", name, weights, stats, tv, tp,
                                {"metrics": metrics, "loss_history": r.loss_history,
-                                "tokens": len(x), "feature_stats": "sample"})  # fmt: skip
+                                "tokens": len(x), "feature_stats": dcfg.feature_stats})  # fmt: skip
         log.info("snmf %s: %s", name, metrics)
     if measures.get("steering"):
         atlas.write_steering(model, layer, measures["steering"], baseline)

@@ -350,6 +350,30 @@ def update_y(a_s: Array, y_s: torch.Tensor, z: torch.Tensor, cfg: SNMFConfig) ->
 
 
 @torch.no_grad()
+def transform(a: Array, z: Array, sweeps: int = 20, eps: float = 1e-9) -> torch.Tensor:
+    """Feature coefficients ``Y ≥ 0 [k, T]`` of new tokens ``A [d, T]`` under a fitted ``Z``:
+    ``min ||A - ZY||`` with ``Z`` fixed, i.e. nonnegative least squares per token. This is
+    what gives SNMF features statistics over tokens the factorisation never saw.
+
+    Cyclic coordinate descent on ``½yᵀQy - bᵀy`` (``Q = ZᵀZ``, ``b = Zᵀa``), all tokens at
+    once, from the relu'd least-squares solution: it reaches scipy's NNLS to float32 precision
+    in ~10 sweeps, where the fit's multiplicative update is still ~1% off after 300.
+    """
+    a = _f32(a)
+    z = _f32(z, a.device)
+    y = init_y(a, z, SNMFConfig(k=z.shape[1], init="svd", eps=eps))
+    q = z.T @ z
+    diag = q.diagonal().clamp_min(eps)
+    grad = q @ y - z.T @ a
+    for _ in range(sweeps):
+        for j in range(q.shape[0]):
+            new = (y[j] - grad[j] / diag[j]).clamp_min_(0.0)
+            grad.addr_(q[:, j], new - y[j])
+            y[j] = new
+    return y
+
+
+@torch.no_grad()
 def shard_loss(a_s: Array, z: torch.Tensor, y_s: torch.Tensor) -> float:
     """``||A_s - Z Y_s||²_F``, residual in float32 blocks, summed as in :func:`_sq_norm`.
 

@@ -278,7 +278,7 @@ def test_thin_keeps_ends_and_bounds_length() -> None:
     assert thin(rows[:50], 200) == rows[:50]
 
 
-def test_sae_feature_stats_cover_the_whole_corpus(dict_atlas) -> None:
+def test_feature_stats_cover_the_whole_corpus(dict_atlas) -> None:
     """Like a neuron's: every corpus token, recomputed here in float64 from a plain forward."""
     from ops import sae as sae_ops
     from ops.models import capture_mlp, load_model
@@ -313,3 +313,19 @@ def test_sae_feature_stats_cover_the_whole_corpus(dict_atlas) -> None:
     np.testing.assert_allclose(z[np.searchsorted(pos, top[live]), np.flatnonzero(live)],
                                st["max"][live], rtol=1e-4)  # fmt: skip
     assert not np.isin(top[live], atlas.corpus["sample_positions"][...]).all()
+
+    # SNMF features: coefficients of every corpus token under the stored Z, solved here per token
+    # with scipy's NNLS in float64
+    from scipy.optimize import nnls
+
+    sg = atlas.dictionary("tiny", 1, "snmf", "sn")
+    assert sg.attrs["feature_stats"] == "corpus"
+    zmat = sg["Z"][...].astype(np.float64)
+    a64 = acts[torch.from_numpy(pos)].double().numpy()
+    y = np.stack([nnls(zmat, row)[0] for row in a64])
+    scale = y.max()
+    np.testing.assert_allclose(sg["stats"]["max"][...], y.max(0), atol=1e-3 * scale)
+    np.testing.assert_allclose(sg["stats"]["mean"][...], y.mean(0), atol=1e-4 * scale)
+    np.testing.assert_allclose(sg["stats"]["frac_active"][...], (y > 1e-6 * scale).mean(0),
+                               atol=0.01)  # fmt: skip
+    assert (sg["stats"]["count"][...] == len(pos)).all()

@@ -243,3 +243,21 @@ def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
 def test_too_many_features_for_the_sample() -> None:
     with pytest.raises(ValueError, match="k=5"):
         init_z(np.ones((4, 100), np.float32), SNMFConfig(k=5))
+
+
+def test_transform_matches_scipy_nnls():
+    """Coefficients of unseen tokens under a fixed Z: per-token NNLS, solved independently."""
+    from ops.snmf import transform
+
+    rng = np.random.default_rng(0)
+    d, k, t = 48, 6, 300
+    z = rng.normal(size=(d, k)) * (rng.random((d, k)) < 0.4)
+    y = rng.exponential(size=(k, t)) * (rng.random((k, t)) < 0.3)
+    a = (z @ y + 0.1 * rng.normal(size=(d, t))).astype(np.float32)
+    got = transform(a, z.astype(np.float32)).double().numpy()
+    want = np.stack([nnls(z, a[:, j].astype(np.float64))[0] for j in range(t)], 1)
+    assert (got >= 0).all()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    loss_got = ((a - z @ got) ** 2).sum()
+    loss_want = ((a - z @ want) ** 2).sum()
+    assert loss_got <= loss_want * (1 + 1e-5)
