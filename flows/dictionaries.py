@@ -46,12 +46,14 @@ from flows.record import (
     iter_shards,
     run_shards,
     shard_batches,
+    worker_model,
 )
 from flows.tasks import TASK
 from ops import sae as sae_ops
 from ops import snmf as snmf_ops
 from ops.models import capture_mlp, forward_until
 from ops.stats import NeuronAccumulator, StatsPartial, finalize, hist_spec, merge_partials
+from ops.steering import SteeringEval, diff_in_means, steer
 from storage.atlas import Atlas
 from storage.dictionaries import contrast_key, steering_key
 
@@ -97,22 +99,16 @@ class FeatureRecorder:
     def __init__(self, model: ModelConfig, job: JobConfig, atlas_path: str, layer: int,
                  saes: dict[str, dict], snmfs: dict[str, np.ndarray],
                  device: str | None = None):  # fmt: skip
-        from transformers.utils import logging as hf_logging
-
-        from ops.models import load_model
-
-        hf_logging.disable_progress_bar()
-        self.loaded = load_model(model.source, dtype=model.dtype, device=device,
-                                 revision=model.revision, with_tokenizer=False)  # fmt: skip
+        self.loaded = worker_model(model, device)
         dev = self.loaded.device
-        self.encoders: dict[str, Any] = {
-            f"sae/{n}": _sae_from(s["weights"], s["config"]).to(dev).encode for n, s in saes.items()
-        }
+        # key -> (encoder [T, d] -> [T, n], n)
+        self.encoders: dict[str, tuple[Any, int]] = {}
+        for n, s in saes.items():
+            sae = _sae_from(s["weights"], s["config"]).to(dev)
+            self.encoders[f"sae/{n}"] = (sae.encode, sae.cfg.n_latents)
         for n, z in snmfs.items():
             zt = torch.from_numpy(np.asarray(z, np.float32)).to(dev)
-            self.encoders[f"snmf/{n}"] = partial(_snmf_encode, zt)
-        self.widths = {k: (saes[k[4:]]["weights"]["W_dec"].shape[0] if k.startswith("sae/")
-                           else snmfs[k[5:]].shape[1]) for k in self.encoders}  # fmt: skip
+            self.encoders[f"snmf/{n}"] = (partial(_snmf_encode, zt), zt.shape[1])
         self.atlas = Atlas.open(atlas_path, mode="r+")
         self.model, self.layer, self.rec = model.name, layer, job.record
         self.spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
@@ -120,13 +116,13 @@ class FeatureRecorder:
     @torch.no_grad()
     def record(self, shard: int) -> dict[str, Any]:
         dev = self.loaded.device
-        accs = {k: NeuronAccumulator(w, self.rec.topk, self.spec, dev)
-                for k, w in self.widths.items()}  # fmt: skip
+        accs = {k: NeuronAccumulator(n, self.rec.topk, self.spec, dev)
+                for k, (_, n) in self.encoders.items()}  # fmt: skip
         state: dict[str, torch.Tensor] = {}
 
         def on_act(_layer: int, act: torch.Tensor) -> None:
             x = act.reshape(-1, act.shape[-1]).index_select(0, state["rows"]).float()
-            for k, encode in self.encoders.items():
+            for k, (encode, _) in self.encoders.items():
                 accs[k].update(encode(x), state["positions"])
 
         n_tok = 0
@@ -208,10 +204,15 @@ def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt:
 
     state = sae_ops.train(sae, batches, steps=steps, checkpoint=ckpt, checkpoint_every=200,
                           log_every=log_every(steps))  # fmt: skip
-    m = sae_ops.metrics(sae, x, state)
-    sd = {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()}
-    return {"weights": sd, "metrics": m, "config": cfg.to_dict(), "history": state.history,
-            "steps": state.step, "tokens_trained": state.tokens_seen}  # fmt: skip
+    return _sae_result(sae, state, x)
+
+
+def _sae_result(sae: sae_ops.SAE, state: sae_ops.TrainState, x_eval: torch.Tensor) -> dict:
+    """What a training run hands back to the stage: weights, metrics on ``x_eval``, history."""
+    return {"weights": {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()},
+            "metrics": sae_ops.metrics(sae, x_eval, state), "config": sae.cfg.to_dict(),
+            "history": state.history, "steps": state.step,
+            "tokens_trained": state.tokens_seen}  # fmt: skip
 
 
 def _logger() -> Any:
@@ -263,10 +264,7 @@ def train_sae_streamed(job: JobConfig, model: str, layer: int, run: SAERunConfig
     state = sae_ops.train(sae, data, steps=min(steps, stop_at or steps), checkpoint=ckpt,
                           checkpoint_every=500, log_every=log_every(steps),
                           on_metrics=progress)  # fmt: skip
-    sd = {k: v.detach().cpu().numpy() for k, v in sae.state_dict().items()}
-    return {"weights": sd, "metrics": sae_ops.metrics(sae, x_eval, state),
-            "config": cfg.to_dict(), "history": state.history, "steps": state.step,
-            "tokens_trained": state.tokens_seen}  # fmt: skip
+    return _sae_result(sae, state, x_eval)
 
 
 def _sae_from(weights: dict, config: dict) -> sae_ops.SAE:
@@ -364,8 +362,8 @@ def steering_batches(atlas: Atlas, sequences: int, batch_size: int) -> list[tupl
     """``sequences`` corpus rows spread evenly over the corpus, as (ids, attention, counted)."""
     tokens, mask = atlas.corpus["tokens"], atlas.corpus["mask"]
     rows = np.unique(np.linspace(0, tokens.shape[0] - 1, sequences).round().astype(np.int64))
-    ids = np.stack([tokens[int(r)] for r in rows]).astype(np.int64)
-    m = np.stack([mask[int(r)] for r in rows])
+    ids = tokens.oindex[rows, :].astype(np.int64)
+    m = mask.oindex[rows, :]
     return [(torch.from_numpy(ids[a : a + batch_size]),
              torch.from_numpy(attention_mask(m[a : a + batch_size])),
              torch.from_numpy(m[a : a + batch_size]))
@@ -374,8 +372,6 @@ def steering_batches(atlas: Atlas, sequences: int, batch_size: int) -> list[tupl
 
 def contrast_direction(atlas: Atlas, model: str, layer: int, contrast: list[str]) -> np.ndarray:
     """Mean sampled activation on sequences of source ``contrast[0]`` minus ``contrast[1]``."""
-    from ops.steering import diff_in_means
-
     names = list(atlas.corpus.attrs["source_names"])
     missing = [c for c in contrast if c not in names]
     if missing:
@@ -396,8 +392,6 @@ def contrast_direction(atlas: Atlas, model: str, layer: int, contrast: list[str]
 def steer_directions(loaded: Any, atlas: Atlas, layer: int, directions: dict[str, np.ndarray],
                      cfg: SteeringConfig, batch_size: int) -> dict[str, dict]:  # fmt: skip
     """Steering results (JSON-able) for ``directions`` (key -> ``[d_mlp]``) at ``cfg.target_kl``."""
-    from ops.steering import SteeringEval, steer
-
     if not directions:
         return {}
     ev = SteeringEval(loaded, layer, steering_batches(atlas, cfg.sequences, batch_size))

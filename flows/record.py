@@ -20,7 +20,7 @@ import ray
 import torch
 
 from flows.config import JobConfig, ModelConfig, ResourcesConfig
-from ops.models import capture_mlp, forward_until, load_model
+from ops.models import LoadedModel, capture_mlp, forward_until, load_model
 from ops.stats import NeuronAccumulator, StatsPartial, hist_spec
 from storage.atlas import Atlas
 
@@ -40,31 +40,34 @@ def attention_mask(mask: np.ndarray) -> np.ndarray:
     return np.flip(np.logical_or.accumulate(np.flip(mask, 1), axis=1), 1).astype(np.int64)
 
 
+def worker_model(model: ModelConfig, device: str | None = None) -> LoadedModel:
+    """A job model loaded for recording in a worker (no tokenizer, no per-load progress bar:
+    one bar per worker per load is noise in the driver)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return load_model(model.source, dtype=model.dtype, device=device, revision=model.revision,
+                      with_tokenizer=False)  # fmt: skip
+
+
 class ShardRecorder:
     """Everything a worker does for one model; plain Python so tests and benches can call it."""
 
     def __init__(self, model: ModelConfig, job: JobConfig, atlas_path: str, layers: list[int],
                  sample_layers: list[int], device: str | None = None):  # fmt: skip
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one bar per worker per load is noise in the driver
         self.name = model.name
-        self.loaded = load_model(model.source, dtype=model.dtype, device=device,
-                                 revision=model.revision, with_tokenizer=False)  # fmt: skip
+        self.loaded = worker_model(model, device)
         self.atlas = Atlas.open(atlas_path, mode="r+")
         self.layers = layers
         self.sample_layers = [layer for layer in sample_layers if layer in layers]
         self.rec = job.record
         self.spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
-        self.seq_len = int(self.atlas.corpus.attrs["seq_len"])
         self.per_shard = self.atlas.sample_rows_per_shard()
         self.sample_positions = self.atlas.corpus["sample_positions"][...]
 
     def record(self, shard: int) -> dict[str, Any]:
         """Record one shard: stream its batches through the model, persist the partial."""
         t0 = time.perf_counter()
-        start, _ = self.atlas.shard_ranges()[shard]
-        tokens, mask = self.atlas.read_shard(shard)
         dev = self.loaded.device
         d = self.loaded.d_mlp
         accs = {L: NeuronAccumulator(d, self.rec.topk, self.spec, dev) for L in self.layers}
@@ -83,27 +86,19 @@ class ShardRecorder:
                     flat.index_select(0, state["sample_src"]).to(torch.float16).cpu().numpy()
                 )
 
-        bs = self.rec.batch_size
         last = max(self.layers)
         n_tok = 0
         with capture_mlp(self.loaded, self.layers, on_act):
-            for a in range(0, len(tokens), bs):
-                ids = tokens[a : a + bs]
-                m = mask[a : a + bs]
-                flat_pos = (start + a) * self.seq_len + np.arange(ids.size, dtype=np.int64)
-                rows = np.flatnonzero(m.reshape(-1))
+            for ids, attn, rows, pos in shard_batches(self.atlas, shard, self.rec.batch_size):
                 state["rows"] = torch.from_numpy(rows).to(dev)
-                state["positions"] = torch.from_numpy(flat_pos[rows]).to(dev)
-                # sample rows that fall in this batch
-                lo, hi = flat_pos[0], flat_pos[-1] + 1
-                hit = np.flatnonzero((sample_pos >= lo) & (sample_pos < hi))
+                state["positions"] = torch.from_numpy(pos).to(dev)
+                # sample rows that fall in this batch (its flat positions are [lo, lo + ids.numel()))
+                lo = int(pos[0] - rows[0])
+                hit = np.flatnonzero((sample_pos >= lo) & (sample_pos < lo + ids.numel()))
                 state["sample_src"] = torch.from_numpy(sample_pos[hit] - lo).to(dev)
                 state["sample_dst"] = hit
                 n_tok += len(rows)
-                if len(rows) == 0:
-                    continue
-                forward_until(self.loaded, torch.from_numpy(ids.astype(np.int64)),
-                              torch.from_numpy(attention_mask(m)), last)  # fmt: skip
+                forward_until(self.loaded, ids, attn, last)
         parts = [accs[L].partial() for L in self.layers]
         self.atlas.write_partial(self.name, shard, _partials_to_arrays(parts))
         for L, rows_ in samples.items():
@@ -246,11 +241,7 @@ class ActivationRecorder:
 
     def __init__(self, model: ModelConfig, atlas_path: str, layer: int, batch_size: int,
                  device: str | None = None):  # fmt: skip
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        self.loaded = load_model(model.source, dtype=model.dtype, device=device,
-                                 revision=model.revision, with_tokenizer=False)  # fmt: skip
+        self.loaded = worker_model(model, device)
         self.atlas = Atlas.open(atlas_path)
         self.layer, self.batch_size = layer, batch_size
 

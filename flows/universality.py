@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import JobConfig, ModelConfig, UniversalityConfig
-from flows.record import attention_mask, run_shards
+from flows.record import attention_mask, run_shards, worker_model
 from flows.tasks import TASK
 from ops.correlation import (
     BestPartners,
@@ -33,7 +33,7 @@ from ops.correlation import (
     random_rotation,
     rotated_pearson,
 )
-from ops.models import capture_mlp, forward_until, load_model
+from ops.models import capture_mlp, forward_until
 from storage.atlas import Atlas, AtlasError
 
 WORK = "_universality"
@@ -48,14 +48,7 @@ class FamilyRecorder:
 
     def __init__(self, models: list[ModelConfig], atlas_path: str, batch_size: int,
                  device: str | None = None):  # fmt: skip
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        self.models = [
-            load_model(m.source, dtype=m.dtype, device=device, revision=m.revision,
-                       with_tokenizer=False)
-            for m in models
-        ]  # fmt: skip
+        self.models = [worker_model(m, device) for m in models]
         self.atlas = Atlas.open(atlas_path, mode="r+")
         self.batch_size = batch_size
 

@@ -137,7 +137,7 @@ class DictionariesMixin:
                 del g[name]
             g.create_array(name, data=np.asarray(vec, np.float32))
         stored = dict(g.attrs.get("results", {}))
-        stored.update({k: _jsonable(dict(v)) for k, v in results.items()})
+        stored.update({k: jsonable(dict(v)) for k, v in results.items()})
         g.attrs["results"] = stored
 
     def steering(self: Atlas, model: str, layer: int) -> dict[str, SteeringRecord]:
@@ -225,11 +225,17 @@ class DictionariesMixin:
                              promoted, suppressed, steering)  # fmt: skip
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """Plain JSON values from numpy-laden results (attrs, API answers): arrays become lists,
+    numpy scalars Python ones, and NaN/inf ``None``, since JSON has no NaN."""
     if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
     if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, np.generic):
-        return v.item()
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
     return v

@@ -17,24 +17,11 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
 from storage.atlas import Atlas, AtlasError
+from storage.dictionaries import jsonable
 
 PAGE = Path(__file__).with_name("index.html")
 
 SORT_KEYS = ("max", "mean", "std", "kurt", "frac_active", "skew")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None  # JSON has no NaN
-    return v
 
 
 def create_app(atlas_path: str) -> FastAPI:
@@ -44,7 +31,7 @@ def create_app(atlas_path: str) -> FastAPI:
 
     def guard(fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return _jsonable(fn(*args, **kwargs))
+            return jsonable(fn(*args, **kwargs))
         except AtlasError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
 

@@ -547,3 +547,30 @@ def test_rewriting_a_dictionary_drops_its_stale_steering(rw: Atlas) -> None:
     write("a")  # retrained: its features are new directions
     assert sorted(rw.steering(MODEL, 1)) == ["diffmeans/x-vs-y", "snmf/ab/1"]
     np.testing.assert_array_equal(rw.steering_direction(MODEL, 1, "diffmeans/x-vs-y"), 1.0)
+
+
+def test_require_group_survives_losing_the_creation_race(tmp_path: Path) -> None:
+    """Deterministic version of the race above: the other worker creates the group between
+    our existence check and our create, so our create raises; we must get the group anyway."""
+    import zarr
+    from zarr.errors import ContainsGroupError
+
+    from storage.atlas import _require_group
+
+    root = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+
+    class Racing:
+        calls = 0
+
+        def require_group(self, name: str):
+            Racing.calls += 1
+            if Racing.calls == 1:
+                root.create_group(name)  # the other worker wins
+                raise ContainsGroupError(f"A group exists at path {name!r}")
+            return root.require_group(name)
+
+        def __getitem__(self, name: str):
+            return root[name]
+
+    g = _require_group(Racing(), "_work")  # type: ignore[arg-type]
+    assert g.path == "_work" and Racing.calls == 2
