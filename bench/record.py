@@ -27,12 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from flows.config import parse_job  # noqa: E402
-from flows.pipeline import _stratified_sample  # noqa: E402
-from flows.record import ShardRecorder  # noqa: E402
-from ops.corpus import bundled_documents, tokenize_documents, vocab_bytes  # noqa: E402
+from ops.corpus import bundled_documents, tokenize_documents  # noqa: E402
+from ops.engine import ActivationPass, NeuronStats, batches  # noqa: E402
 from ops.models import forward_until, load_model  # noqa: E402
-from storage.atlas import Atlas  # noqa: E402
+from ops.stats import hist_spec  # noqa: E402
 
 
 def main() -> None:
@@ -49,29 +47,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-"))
-    job = parse_job({
-        "atlas": str(tmp / "bench.zarr"),
-        "corpus": {"seq_len": args.seq_len, "max_tokens": args.tokens,
-                   "shard_sequences": 10**6},
-        "models": [{"name": "m", "source": args.source, "dtype": args.dtype}],
-        "record": {"batch_size": args.batch},
-    })  # fmt: skip
     loaded = load_model(args.source, dtype=args.dtype, device="cpu")
     tc = tokenize_documents(bundled_documents(), loaded.tokenizer, args.seq_len, args.tokens)
-    # pack full rows only: both sides then see the same dense batches
     mask = tc.mask()
-    atlas = Atlas.create(job.atlas, {"job": job.model_dump(mode="json")})
-    atlas.write_corpus(tc.tokens, tc.doc_ids, tc.sources, tc.source_names, mask,
-                       vocab_bytes(loaded.tokenizer), len(tc.tokens),
-                       _stratified_sample(mask, len(tc.tokens), 0, 0), {})  # fmt: skip
     layers = list(range(loaded.n_layers))
-    from ops.stats import hist_spec
-
-    r = job.record
-    atlas.init_model("m", {}, layers, loaded.d_mlp, r.topk,
-                     hist_spec(r.hist_bins, r.hist_min, r.hist_max).edges(), [])  # fmt: skip
-    rec = ShardRecorder(job.models[0], job, job.atlas, layers, [], device="cpu")
-    rec.loaded = loaded  # share the weights: identical model on both sides
+    spec = hist_spec(256)  # the job defaults: 256 bins, top-32 examples
+    engine = ActivationPass([loaded])  # the workers' own pass, on the same weights
     ids = torch.from_numpy(tc.tokens.astype(np.int64))
     n_valid = int(mask.sum())
     positions = int(tc.tokens.size)
@@ -91,7 +72,9 @@ def main() -> None:
 
     def record() -> float:
         t = time.perf_counter()
-        rec.record(0)
+        stats = [NeuronStats((0, L), loaded.d_mlp, 32, spec) for L in layers]
+        engine.run(batches(tc.tokens, mask, 0, args.batch), stats)
+        [c.state() for c in stats]
         return time.perf_counter() - t
 
     record()  # warm-up: numba compile, allocator
@@ -119,7 +102,7 @@ def main() -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         print(
             f"default job wall time: {time.perf_counter() - t:.0f} s "
-            f"({Atlas.open(out).corpus.attrs['n_tokens']:,} tokens)"
+            f"(atlas {out})"
         )
 
 

@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flows.config import SAERunConfig, parse_job  # noqa: E402
-from flows.dictionaries import sample_by_shard, train_sae_streamed  # noqa: E402
-from flows.record import ActivationRecorder, ensure_ray, iter_shards  # noqa: E402
+from flows.dictionaries import feed_stage, train_sae_streamed  # noqa: E402
+from flows.engine import ensure_ray, iter_stage  # noqa: E402
+from flows.steering import sample_by_shard  # noqa: E402
 from storage.atlas import Atlas  # noqa: E402
 
 
@@ -45,13 +46,11 @@ def main() -> None:
                                  "dtype": attrs["dtype"]}]})  # fmt: skip
     ensure_ray(None, args.workers)
     shards = list(range(len(atlas.shard_ranges())))
-    spec = job.models[0]
 
     t0 = time.perf_counter()
     n_rec = 0
-    for out in iter_shards(ActivationRecorder, (spec, args.atlas, args.layer,
-                                                job.record.batch_size), {}, shards,
-                           job.resources, ordered=True):  # fmt: skip
+    for out in iter_stage(feed_stage(job, args.model, args.layer), args.atlas, shards,
+                          job.resources, ordered=True):  # fmt: skip
         n_rec += len(out["acts"])
     t_rec = time.perf_counter() - t0
 

@@ -25,7 +25,7 @@ for _k, _v in {
 
 import numpy as np  # noqa: E402
 
-from flows.config import load_job  # noqa: E402
+from flows.config import SteeringConfig, load_job  # noqa: E402
 from ops.errors import NeuronmapError  # noqa: E402
 from storage.atlas import Atlas, AtlasError  # noqa: E402
 
@@ -207,7 +207,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flows.config import JobConfigError, SteeringConfig, format_error
-    from flows.dictionaries import steer_feature
+    from flows.steering import steer_feature
 
     try:
         cfg = SteeringConfig(target_kl=args.target_kl, tolerance=args.tolerance,
@@ -312,11 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--feature", type=int, help="feature index")
     st.add_argument("--contrast", nargs=2, metavar=("A", "B"),
                     help="difference-in-means baseline: corpus source A minus source B")  # fmt: skip
-    st.add_argument("--target-kl", type=float, default=0.5, help="next-token KL to reach")
-    st.add_argument("--tolerance", type=float, default=0.1, help="relative KL tolerance")
-    st.add_argument("--sequences", type=int, default=8, help="evaluation sequences")
-    st.add_argument("--max-evals", type=int, default=16, help="forward passes per search")
-    st.add_argument("--top-tokens", type=int, default=10, help="tokens reported each way")
+    # defaults: the job's steering section (flows.config.SteeringConfig), one place for each
+    for opt, field, kind in (("--target-kl", "target_kl", float), ("--tolerance", "tolerance", float),
+                             ("--sequences", "sequences", int), ("--max-evals", "max_evals", int),
+                             ("--top-tokens", "top_tokens", int)):  # fmt: skip
+        info = SteeringConfig.model_fields[field]
+        st.add_argument(opt, type=kind, default=info.default, help=info.description)
     st.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_steer)

@@ -7,16 +7,22 @@ fails before any model is loaded or any data is written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ops.errors import NeuronmapError
+from ops.sae import ARCHITECTURES, SAEConfig
+from ops.snmf import SNMFConfig
+from ops.steering import steer
 
 DEFAULT_JOB = Path(__file__).with_name("default_job.yaml")
 
@@ -176,35 +182,82 @@ class UniversalityConfig(_Strict):
         return self
 
 
+def _ops_default(cls: type, name: str) -> Any:
+    """The default of an ``ops`` config field: every knob has its default in one place."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _steer_default(name: str) -> Any:
+    return inspect.signature(steer).parameters[name].default
+
+
+_SAE = partial(_ops_default, SAEConfig)
+_SNMF = partial(_ops_default, SNMFConfig)
+
+
 class SAERunConfig(_Strict):
-    """One sparse autoencoder over a layer's MLP activations."""
+    """One sparse autoencoder over a layer's MLP activations (``ops.sae.SAEConfig`` knobs)."""
 
     name: str = Field("topk", description="Run name: models/<m>/layers/<L>/sae/<name>.")
     arch: str = Field(
-        "topk", description="Architecture (ops.sae registry): topk, batchtopk, relu, jumprelu."
-    )
+        _SAE("arch"), description="Architecture, a key of the ops.sae registry "
+        "(topk, batchtopk, relu, jumprelu)."
+    )  # fmt: skip
     expansion: int = Field(8, ge=1, description="n_latents = expansion * d_mlp.")
-    k: int = Field(32, ge=1, description="Active latents per token (topk/batchtopk).")
-    l1_coef: float = Field(1e-3, ge=0, description="L1 coefficient (relu).")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    batch_size: int = Field(1024, ge=1, description="Tokens per step.")
+    k: int = Field(_SAE("k"), ge=1, description="Active latents per token (topk/batchtopk).")
+    l1_coef: float = Field(_SAE("l1_coef"), ge=0, description="L1 coefficient (relu).")
+    jumprelu_threshold_init: float = Field(
+        _SAE("jumprelu_threshold_init"), gt=0, description="jumprelu: initial threshold.")
+    jumprelu_bandwidth: float = Field(
+        _SAE("jumprelu_bandwidth"), gt=0,
+        description="jumprelu: width of the threshold's pseudo-gradient kernel.")
+    jumprelu_l0_coef: float = Field(
+        _SAE("jumprelu_l0_coef"), ge=0, description="jumprelu: weight of the L0 penalty.")
+    auxk: int = Field(_SAE("auxk"), ge=0,
+                      description="topk/batchtopk: dead latents AuxK uses per token.")
+    auxk_coef: float = Field(_SAE("auxk_coef"), ge=0, description="AuxK loss weight; 0 = off.")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
+        _SAE("b_dec_init"), description="Decoder bias init from the first batch.")
+    normalize_input: bool = Field(
+        _SAE("normalize_input"), description="Scale inputs to unit mean squared norm.")
+    lr: float = Field(_SAE("lr"), gt=0, description="Adam learning rate.")
+    batch_size: int = Field(_SAE("batch_size"), ge=1, description="Tokens per step.")
     epochs: float = Field(4.0, gt=0, description="Passes over the training tokens.")
-    seed: int = Field(0, description="Init and shuffling seed.")
+    seed: int = Field(_SAE("seed"), description="Init and shuffling seed.")
     source: Literal["sample", "stream"] = Field(
         "sample",
         description="Training tokens: the stored activation sample, or 'stream': every corpus "
-        "token, recorded live by the Ray workers in shard order (no activation dump; each "
-        "epoch runs the model again). Metrics and feature stats use the sample either way.",
+        "token, recorded live by the Ray workers in shard order (no activation dump; the "
+        "first epoch shares the record stage's forward when the job records this model from "
+        "scratch). Metrics and feature stats use the sample either way.",
     )
     buffer_tokens: int = Field(
         65536, ge=2, description="Shuffle buffer of a streamed run (>= 2 * batch_size)."
     )
+
+    _RUN_ONLY: ClassVar[set[str]] = {"name", "expansion", "epochs", "source", "buffer_tokens"}
+
+    @field_validator("arch")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {v!r}; registered: {sorted(ARCHITECTURES)}")
+        return v
 
     @model_validator(mode="after")
     def _buffer_fits(self) -> SAERunConfig:
         if self.source == "stream" and self.buffer_tokens < 2 * self.batch_size:
             raise ValueError(f"buffer_tokens ({self.buffer_tokens}) must be >= 2 * batch_size")
         return self
+
+    def sae_config(self, d_in: int, dead_after_tokens: int) -> SAEConfig:
+        """The ``ops`` config of this run for a layer of width ``d_in``."""
+        knobs = self.model_dump(exclude=self._RUN_ONLY)
+        try:
+            return SAEConfig(d_in=d_in, n_latents=self.expansion * d_in,
+                             dead_after_tokens=dead_after_tokens, **knobs)  # fmt: skip
+        except ValueError as e:
+            raise JobConfigError(f"SAE run {self.name!r}: {e}") from None
 
 
 class SNMFRunConfig(_Strict):
@@ -213,23 +266,31 @@ class SNMFRunConfig(_Strict):
     name: str = Field("snmf", description="Run name: models/<m>/layers/<L>/snmf/<name>.")
     k: int = Field(64, ge=1, description="Number of features.")
     keep_fraction: float = Field(
-        0.01, gt=0, le=1, description="Neurons kept per feature (top |z|)."
+        _SNMF("keep_fraction"), gt=0, le=1, description="Neurons kept per feature (top |z|)."
     )
-    iters: int = Field(100, ge=1, description="Maximum alternating iterations.")
+    iters: int = Field(_SNMF("iters"), ge=1, description="Maximum alternating iterations.")
     patience: int = Field(
-        20, ge=1, description="Stop after this many iterations without improvement."
+        _SNMF("patience"), ge=1, description="Stop after this many iterations without progress."
     )
-    init: Literal["random", "svd", "kmeans"] = Field("svd", description="Initialisation of Z.")
-    seed: int = Field(0, description="Initialisation seed.")
+    tol: float = Field(_SNMF("tol"), ge=0, description="Relative loss drop that counts as progress.")
+    init: Literal["random", "svd", "kmeans"] = Field(_SNMF("init"),
+                                                     description="Initialisation of Z.")
+    seed: int = Field(_SNMF("seed"), description="Initialisation seed.")
+
+    def snmf_config(self) -> SNMFConfig:
+        """The ``ops`` config of this run."""
+        return SNMFConfig(**self.model_dump(exclude={"name"}))
 
 
 class SteeringConfig(_Strict):
     """Causal check: steer along feature directions, each at the same next-token KL."""
 
     target_kl: float = Field(
-        0.5, gt=0, description="Mean next-token KL(clean || steered) alpha is searched for (nats)."
-    )
-    tolerance: float = Field(0.1, gt=0, lt=1, description="Accepted |KL - target| / target.")
+        _steer_default("target_kl"), gt=0,
+        description="Mean next-token KL(clean || steered) alpha is searched for (nats).",
+    )  # fmt: skip
+    tolerance: float = Field(_steer_default("tolerance"), gt=0, lt=1,
+                             description="Accepted |KL - target| / target.")  # fmt: skip
     features: int = Field(
         2, ge=0, description="Features evaluated per run: those with the largest mean activation."
     )
@@ -239,8 +300,10 @@ class SteeringConfig(_Strict):
         "minus source B (e.g. [wiki-fr, wiki-en]); null to skip.",
     )  # fmt: skip
     sequences: int = Field(8, ge=1, description="Evaluation sequences, spread over the corpus.")
-    max_evals: int = Field(16, ge=2, description="Forward passes allowed per search.")
-    top_tokens: int = Field(10, ge=1, description="Promoted and suppressed tokens reported.")
+    max_evals: int = Field(_steer_default("max_evals"), ge=2,
+                           description="Forward passes allowed per search.")  # fmt: skip
+    top_tokens: int = Field(_steer_default("top"), ge=1,
+                            description="Promoted and suppressed tokens reported.")  # fmt: skip
 
 
 class DictionariesConfig(_Strict):

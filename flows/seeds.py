@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import SeedsConfig
-from flows.record import ensure_ray
+from flows.engine import Accounting, Ledger, bounded, ensure_ray
 from flows.tasks import TASK
 from ops.corpus import bundled_documents, read_documents
 from ops.errors import CorpusError
@@ -209,7 +209,8 @@ def _read_log(path: Path) -> dict:
 
 
 @task(name="seeds-train", **TASK)
-def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None) -> dict:
+def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None,
+                  ledger: Ledger | None = None) -> dict:  # fmt: skip
     """The Ray driver: one Ray task per member not yet saved, at most one per cluster CPU."""
     log = get_run_logger()
     fdir = Path(prep["family_dir"])
@@ -228,30 +229,22 @@ def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None) 
         slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
         log.info("training seeds %s on Ray (%d CPU slots)", todo, slots)
         cfg_json = cfg.model_dump_json()
-        pending = list(todo)
-        inflight: dict[ray.ObjectRef, int] = {}
-        try:
-            while pending or inflight:
-                while pending and len(inflight) < slots:
-                    i = pending.pop(0)
-                    ref = _train_one.remote(
-                        cfg_json, i, key, prep["tokens"], prep["tokenizer"],
-                        str(fdir / member_name(i)),
-                    )  # fmt: skip
-                    inflight[ref] = i
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
-                    i = inflight.pop(ref)
-                    logs[i] = ray.get(ref)
-                    r = logs[i]
-                    log.info(
-                        "%s: loss %.3f -> %.3f, %d tokens in %.1fs (%.0f tok/s)",
-                        member_name(i), r["initial_loss"], r["final_loss"], r["tokens"],
-                        r["seconds"], r["tokens_per_second"] or 0,
-                    )  # fmt: skip
-        finally:
-            for ref in inflight:
-                ray.cancel(ref, force=True)
+        acct = Accounting(f"seeds/{cfg.name}")
+
+        def submit(_slot: int, i: int) -> ray.ObjectRef:
+            return _train_one.remote(cfg_json, i, key, prep["tokens"], prep["tokenizer"],
+                                     str(fdir / member_name(i)))  # fmt: skip
+
+        for i, r in bounded(todo, submit, slots):
+            logs[i] = r
+            acct.add({"tokens": r["tokens"], "forward_passes": r.get("steps", 0)})
+            log.info(
+                "%s: loss %.3f -> %.3f, %d tokens in %.1fs (%.0f tok/s)",
+                member_name(i), r["initial_loss"], r["final_loss"], r["tokens"],
+                r["seconds"], r["tokens_per_second"] or 0,
+            )  # fmt: skip
+        if ledger is not None:
+            ledger.record(acct.to_dict())
     else:
         log.info("all %d seeds of %s already trained", cfg.count, fdir)
     return {
@@ -342,7 +335,7 @@ def plot_losses(path: Path, logs: dict[int, dict], title: str) -> bool:
 @flow(name="train_seeds", log_prints=True)
 def train_seeds(
     cfg: SeedsConfig, texts_source: str | list[str] = "bundled", subsets: list[str] | None = None,
-    max_docs: int | None = None, ray_address: str | None = None,
+    max_docs: int | None = None, ray_address: str | None = None, ledger: Ledger | None = None,
 ) -> dict:  # fmt: skip
     """Train (or reuse) ``cfg.count`` seeds; return their directories and loss summaries.
 
@@ -351,7 +344,7 @@ def train_seeds(
     member indices trained by this call and reused from the cache.
     """
     prep = prepare_family(cfg, texts_source, subsets, max_docs)
-    res = train_members(cfg, prep, ray_address)
+    res = train_members(cfg, prep, ray_address, ledger)
     fdir = Path(prep["family_dir"])
     logs = res["logs"]
     if res["trained"] or not (fdir / "loss.png").is_file():

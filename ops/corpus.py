@@ -10,6 +10,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import math
 import random
 import re
 import site
@@ -632,3 +633,20 @@ def vocab_bytes(tokenizer: Any) -> list[bytes]:
         else:
             out.append(tokenizer.decode([i]).encode("utf-8"))
     return out
+
+
+def stratified_sample(mask: np.ndarray, shard_rows: int, total: int, seed: int) -> np.ndarray:
+    """Same number of sample tokens from each shard, uniform within it; -1 pads short shards."""
+    n_seq, seq_len = mask.shape
+    n_shards = math.ceil(n_seq / shard_rows)
+    if total <= 0:
+        return np.zeros(0, np.int64)
+    per = math.ceil(total / n_shards)
+    out = np.full((n_shards, per), -1, np.int64)
+    for s in range(n_shards):
+        a = s * shard_rows
+        valid = np.flatnonzero(mask[a : a + shard_rows].reshape(-1)) + a * seq_len
+        rng = np.random.default_rng([seed, s])
+        pick = np.sort(rng.choice(valid, size=min(per, len(valid)), replace=False))
+        out[s, : len(pick)] = pick
+    return out.reshape(-1)

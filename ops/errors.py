@@ -11,3 +11,8 @@ class ModelError(NeuronmapError):
 
 class CorpusError(NeuronmapError):
     """A corpus is missing, empty or malformed."""
+
+
+class ConfigError(NeuronmapError, ValueError):
+    """An option of an ``ops`` computation is invalid (a ``ValueError`` too, for callers that
+    catch those); the message names the option."""

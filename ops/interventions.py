@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from ops.models import LoadedModel
+if TYPE_CHECKING:  # ops.models imports transformers (seconds): configs import this
+    from ops.models import LoadedModel
+
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,3 +52,27 @@ def next_token_loss(
     m = loss_mask[:, :-1].to(dev)
     ce = F.cross_entropy(logits[m], target[m], reduction="sum")
     return float(ce), int(m.sum())
+
+
+def loss_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is recorded too (BOS and padding are never predicted)."""
+    return mask & torch.roll(mask, -1, dims=1)
+
+
+def mean_losses(loaded: LoadedModel, layer: int,
+                batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                replacements: dict[str, Replace | None]) -> dict[str, float]:  # fmt: skip
+    """Mean next-token loss over ``batches`` (ids, attention, recorded mask) with ``layer``'s MLP
+    activation replaced by each of ``replacements`` (``None``: the clean model)."""
+    totals = {name: [0.0, 0] for name in replacements}
+    for ids, attn, m in batches:
+        lm = loss_mask(m)
+        for name, fn in replacements.items():
+            if fn is None:
+                ce, n = next_token_loss(loaded, ids, attn, lm)
+            else:
+                with replace_mlp_activation(loaded, layer, fn):
+                    ce, n = next_token_loss(loaded, ids, attn, lm)
+            totals[name][0] += ce
+            totals[name][1] += n
+    return {k: v[0] / max(v[1], 1) for k, v in totals.items()}

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.interventions import mean_losses
+
 __all__ = [
     "ARCHITECTURES",
     "BatchTopKSAE",
@@ -752,6 +754,13 @@ def _state_from(payload: dict[str, Any], device: torch.device) -> TrainState:
     )
 
 
+def from_weights(weights: dict[str, Any], config: dict[str, Any]) -> SAE:
+    """An SAE in eval mode from stored weights (numpy or tensors) and its config dict."""
+    sae = build_sae(SAEConfig.from_dict(config))
+    sae.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in weights.items()})
+    return sae.eval()
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SAE, TrainState]:
     """The SAE (in eval mode) and training state saved at ``path``."""
     payload = _read_checkpoint(Path(path))
@@ -919,7 +928,32 @@ def ce_loss_recovered(clean_loss: float, sae_loss: float, zero_loss: float) -> f
     """Share of the CE-loss gap closed by splicing in the SAE: ``(zero - sae) / (zero - clean)``.
 
     1 = as good as the clean model, 0 = as bad as zero-ablating the site. NaN when ablation
-    does not change the loss (the ratio is undefined). Splicing with hooks is in ``flows``.
+    does not change the loss (the ratio is undefined). :func:`ce_losses` measures the three.
     """
     gap = zero_loss - clean_loss
     return (zero_loss - sae_loss) / gap if gap != 0 else float("nan")
+
+
+def splice(sae: SAE) -> Callable[[Tensor], Tensor]:
+    """The replacement that puts ``sae``'s reconstruction in place of an activation."""
+
+    def fn(act: Tensor) -> Tensor:
+        return sae(act.float().reshape(-1, act.shape[-1]))[0].reshape(act.shape)
+
+    return fn
+
+
+def ce_losses(loaded: Any, layer: int, sae: SAE, batches: list) -> dict[str, float]:
+    """Clean, zero-ablated and SAE-spliced next-token loss at ``layer`` over ``batches``
+    (``(ids, attention, recorded mask)``), and the share of the gap recovered."""
+    loss = mean_losses(loaded, layer, batches,
+                       {"clean": None, "zero": torch.zeros_like, "sae": splice(sae)})  # fmt: skip
+    return loss | {"recovered": ce_loss_recovered(loss["clean"], loss["sae"], loss["zero"])}
+
+
+def thin(rows: list, most: int) -> list:
+    """At most ``most`` evenly spaced rows, first and last included (training curves)."""
+    if len(rows) <= most:
+        return rows
+    idx = np.unique(np.linspace(0, len(rows) - 1, most).round().astype(int))
+    return [rows[i] for i in idx]

@@ -243,6 +243,14 @@ def merge_partials(parts: Sequence[StatsPartial]) -> StatsPartial:
     return StatsPartial(int(n), mean, m2, m3, m4, vmin, vmax, n_pos, hist, tv, tp)
 
 
+def stack_partials(parts: Sequence[StatsPartial]) -> dict[str, np.ndarray]:
+    """One partial per layer as arrays with a leading layer axis (``StatsPartial.from_arrays``
+    reads them back as one stacked partial, which every function here accepts)."""
+    out = {name: np.stack([getattr(p, name) for p in parts]) for name in StatsPartial.ARRAYS}
+    out["n"] = np.asarray(parts[0].n, dtype=np.int64)
+    return out
+
+
 def finalize(p: StatsPartial, dead_frequency: float = 1e-6, massive_threshold: float = 100.0
              ) -> dict[str, np.ndarray]:  # fmt: skip
     """Atlas statistics from a merged partial. Constant neurons get skew = kurt = 0, not NaN.

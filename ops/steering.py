@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:  # ops.models imports transformers (seconds): configs import this
+    from ops.models import LoadedModel
+
 from ops.interventions import replace_mlp_activation
-from ops.models import LoadedModel
 
 __all__ = ["SteeringEval", "SteeringResult", "diff_in_means", "steer"]
 

@@ -33,7 +33,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from storage.dictionaries import DictionariesMixin
+from storage.dictionaries import DictionariesMixin, jsonable
 from storage.errors import AtlasError
 from storage.universality import UniversalityMixin
 
@@ -416,6 +416,26 @@ class Atlas(UniversalityMixin, DictionariesMixin):
         m.attrs[stage] = cur
         self.touch()
 
+    # ------------------------------------------------------------------ run accounting
+
+    MAX_RUNS = 50
+
+    def record_stage(self, run: str, entry: Mapping[str, Any]) -> None:
+        """Append one stage's accounting (tokens, forwards, seconds, workers) to run ``run``;
+        the run is created on its first stage. Only the driver writes it."""
+        runs = list(self.root.attrs.get("runs", []))
+        cur = next((r for r in runs if r.get("run") == run), None)
+        if cur is None:
+            cur = {"run": run, "started": _now(), "stages": []}
+            runs.append(cur)
+        cur["stages"].append(jsonable(dict(entry)))
+        cur["finished"] = _now()
+        self.root.attrs["runs"] = runs[-self.MAX_RUNS :]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every recorded run, latest last: ``{"run", "started", "finished", "stages": [...]}``."""
+        return list(self.root.attrs.get("runs", []))
+
     # ------------------------------------------------------------------ queries
 
     def stats(self, model: str, layer: int) -> dict[str, np.ndarray]:
@@ -554,4 +574,5 @@ class Atlas(UniversalityMixin, DictionariesMixin):
             out["families"] = {f: self.family(f).info() for f in self.families}
         if "universality" in self.root:
             out["universality"] = self.universality_overview()
+        out["runs"] = self.runs()
         return out

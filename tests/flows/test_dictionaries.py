@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows.config import parse_job
-from flows.record import attention_mask
+from ops.engine import attention_mask
 from storage.atlas import Atlas
 
 
@@ -150,7 +150,7 @@ def test_steering_results_are_stored(dict_atlas) -> None:
 
 def test_unknown_contrast_source_names_the_field(dict_atlas) -> None:
     from flows.config import JobConfigError
-    from flows.dictionaries import contrast_direction
+    from flows.steering import contrast_direction
 
     atlas = Atlas.open(dict_atlas[0])
     with pytest.raises(JobConfigError, match=r"dictionaries.steering.contrast: \['wiki-xx'\]"):
@@ -198,15 +198,15 @@ def test_streamed_sae_trains_on_every_corpus_token(dict_atlas) -> None:
     assert g.attrs["history"] and g.attrs["history"][-1]["tokens_seen"] <= n_tokens
 
 
-def test_activation_recorder_matches_the_stored_sample(dict_atlas) -> None:
+def test_activation_feed_matches_the_stored_sample(dict_atlas) -> None:
     """What the workers stream is what the statistics pass recorded (same rows, same values)."""
-    from flows.record import ActivationRecorder
+    from flows.dictionaries import feed_stage
+    from flows.engine import iter_stage
 
     path, job, _ = dict_atlas
     atlas = Atlas.open(path)
-    rec = ActivationRecorder(job.models[0], str(path), 1, job.record.batch_size, device="cpu")
     shard = 1
-    out = rec.record(shard)
+    (out,) = iter_stage(feed_stage(job, "tiny", 1), str(path), [shard], job.resources)
     start, _ = atlas.shard_ranges()[shard]
     _, mask = atlas.read_shard(shard)
     flat = start * mask.shape[1] + np.flatnonzero(mask.reshape(-1))
@@ -238,6 +238,39 @@ def test_streamed_sae_resumes_mid_stream(dict_atlas, tmp_path) -> None:
     assert resumed["tokens_trained"] == full["tokens_trained"]
     for k, v in full["weights"].items():
         np.testing.assert_array_equal(resumed["weights"][k], v, err_msg=k)
+    # the job trained this run on the record stage's own forward (first epoch shared):
+    # the same stream in the same order, so the same weights as a stream of its own
+    stored = Atlas.open(path).dictionary("tiny", 1, "sae", run.name)
+    for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        np.testing.assert_array_equal(stored[k][...], full["weights"][k], err_msg=k)
+
+
+def test_run_accounting_shows_one_pass_for_record_sample_and_stream(dict_atlas, capsys) -> None:
+    """``info --json`` lists what each stage cost; recording, the sample and the streamed SAE's
+    one epoch took one forward per token, and every dictionary's features one more."""
+    import json
+
+    from flows.cli import main
+
+    path, job, out = dict_atlas
+    assert main(["info", str(path), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    run = next(r for r in runs if r["run"] == out["run"])
+    stages = {s["stage"]: s for s in run["stages"]}
+    atlas = Atlas.open(path)
+    n_tokens = int(atlas.corpus.attrs["n_tokens"])
+    mask, bs = atlas.corpus["mask"][...], job.record.batch_size
+    batches = sum(bool(mask[a : min(a + bs, b)].any())
+                  for a0, b in atlas.shard_ranges() for a in range(a0, b, bs))  # fmt: skip
+    assert set(stages) == {"record/tiny", "features/tiny/1"}  # no stream pass of its own
+    for name, s in stages.items():
+        assert set(s) >= {"stage", "tokens", "forward_passes", "seconds", "tokens_per_s",
+                          "workers"}, name  # fmt: skip
+        assert s["tokens"] == n_tokens and s["passes_per_token"] == 1.0
+        assert s["forward_passes"] == batches  # one forward per batch, one model
+        shards = sorted(x for w in s["workers"] for x in w["shards"])
+        assert shards == list(range(len(Atlas.open(path).shard_ranges())))
+        assert all(w["device"] == "cpu" and w["node"] for w in s["workers"])
 
 
 def test_info_lists_dictionaries(dict_atlas, capsys) -> None:
@@ -270,7 +303,7 @@ def test_rerun_of_a_finished_job_keeps_the_dictionaries(dict_atlas) -> None:
 
 
 def test_thin_keeps_ends_and_bounds_length() -> None:
-    from flows.dictionaries import thin
+    from ops.sae import thin
 
     rows = list(range(1000))
     out = thin(rows, 200)

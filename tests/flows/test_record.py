@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.record import attention_mask
+from ops.engine import attention_mask
 
 
 def test_attention_mask_keeps_bos_and_drops_right_padding() -> None:

@@ -1,0 +1,335 @@
+"""The engine's distributed side: one worker actor, one bounded pool, one stage runner.
+
+    token shards ─► PassWorker (Ray actor: holds the stage's model[s], one per GPU / CPU slot)
+                      ops.engine.ActivationPass: one forward per batch ─► the stage's consumers
+                      stage.persist: partials to the atlas's _work, small results back
+    run_stage (driver, inside a Prefect task): content key · manifest · resume · progress ·
+                      ordered merge · cleanup · run accounting
+
+A :class:`Stage` declares what is special about it (its models, the consumers a shard
+needs, what a worker persists, how the driver merges); everything else is done here, the
+same way for every stage. A new analysis is a consumer (``ops``) plus a stage declaration.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from flows.config import ModelConfig, ResourcesConfig
+from ops.engine import ActivationPass, Consumer, batches
+from ops.models import LoadedModel, load_model
+from storage.atlas import Atlas, AtlasError
+
+
+def ensure_ray(address: str | None, workers: int) -> None:
+    """Connect to ``address``/``$RAY_ADDRESS``, or start an in-process local cluster."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=True)  # fmt: skip
+
+
+def worker_model(model: ModelConfig, device: str | None = None) -> LoadedModel:
+    """A job model loaded in a worker (no tokenizer, no per-load progress bar: one bar per
+    worker per load is noise in the driver)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return load_model(model.source, dtype=model.dtype, device=device, revision=model.revision,
+                      with_tokenizer=False)  # fmt: skip
+
+
+# ------------------------------------------------------------------ stages
+
+
+@dataclass
+class Shard:
+    """What a stage's hooks see of the shard a worker is running."""
+
+    index: int
+    atlas: Atlas
+    models: list[LoadedModel]
+    setup: Any = None  # what ``Stage.setup`` made once on this worker
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].device
+
+
+Build = Callable[[Shard], list[Consumer]]
+Persist = Callable[[Shard, list[Consumer]], dict[str, Any]]
+
+
+@dataclass
+class Stage:
+    """One sharded stage: which models run, which consumers each shard feeds, what persists.
+
+    ``setup`` (once per worker, given the loaded models), ``build`` and ``persist`` run on the
+    worker; they are module-level functions or partials of them, shipped once per actor.
+    ``persist`` writes the shard's partials into the atlas and returns a small dict for the
+    driver (an ordered stage may hand activations to the driver this way). ``merge`` runs in
+    the driver once every shard is done: it folds the partials in shard order and writes the
+    result; ``work`` names the ``_work`` groups dropped after it. A stage whose manifest entry
+    is complete under the same ``key`` is skipped; otherwise only its missing shards run.
+    """
+
+    name: str
+    key: str
+    models: list[ModelConfig]
+    build: Build
+    persist: Persist
+    batch_size: int
+    setup: Callable[[list[LoadedModel]], Any] | None = None
+    merge: Callable[[Atlas], dict[str, Any]] | None = None
+    work: Sequence[str] = ()
+    description: str = ""
+
+
+@ray.remote
+class PassWorker:
+    """The one worker actor: holds a stage's models and runs its shards through one pass."""
+
+    def __init__(self, stage: Stage, atlas_path: str, device: str, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.stage = stage
+        self.models = [worker_model(m, device) for m in stage.models]
+        self.setup = stage.setup(self.models) if stage.setup is not None else None
+        self.atlas = Atlas.open(atlas_path, mode="r+")
+        self.engine = ActivationPass(self.models)
+        dev = self.models[0].device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+        self.where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                      "host": socket.gethostname(),
+                      "device": f"{dev} ({name})" if name else str(dev)}  # fmt: skip
+
+    def ready(self) -> dict[str, Any]:
+        return self.where
+
+    def run(self, shard: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tokens, mask = self.atlas.read_shard(shard)
+        first, _ = self.atlas.shard_ranges()[shard]
+        ctx = Shard(shard, self.atlas, self.models, self.setup)
+        consumers = self.stage.build(ctx)
+        count = self.engine.run(batches(tokens, mask, first, self.stage.batch_size), consumers)
+        out = self.stage.persist(ctx, consumers)
+        return {"shard": shard, "tokens": count.tokens, "forward_passes": count.forward_passes,
+                "seconds": time.perf_counter() - t0, **self.where, **out}  # fmt: skip
+
+
+# ------------------------------------------------------------------ bounded scheduling
+
+
+def bounded(items: Sequence[Any], submit: Callable[[int, Any], Any], slots: int,
+            per_slot: int = 1, ordered: bool = False) -> Iterator[tuple[Any, Any]]:  # fmt: skip
+    """Run ``submit(slot, item) -> ObjectRef`` for every item with at most ``per_slot`` refs
+    in flight per slot, and yield ``(item, result)`` as results land (``ordered``: in the
+    order of ``items``; results waiting for an earlier item count against the same budget,
+    so a consumer of large results holds a bounded number of them). Closing the generator
+    cancels what is still in flight."""
+    budget = slots * per_slot
+    todo = list(enumerate(items))
+    inflight: dict[Any, tuple[int, int]] = {}  # ref -> (slot, index)
+    load = [0] * slots
+    waiting: dict[int, Any] = {}
+    next_out = 0
+    try:
+        while todo or inflight:
+            for s in range(slots):
+                while todo and load[s] < per_slot and len(inflight) + len(waiting) < budget:
+                    j, item = todo.pop(0)
+                    inflight[submit(s, item)] = (s, j)
+                    load[s] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                s, j = inflight.pop(ref)
+                load[s] -= 1
+                out = ray.get(ref)
+                if not ordered:
+                    yield items[j], out
+                    continue
+                waiting[j] = out
+                while next_out in waiting:
+                    yield items[next_out], waiting.pop(next_out)
+                    next_out += 1
+    finally:
+        for ref in inflight:
+            ray.cancel(ref)  # actors are killed by their owner; this drops queued work
+
+
+def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
+               resources: ResourcesConfig, ordered: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Run ``shards`` of ``stage`` on ``resources.workers`` :class:`PassWorker` actors and yield
+    each shard's result as it lands (``ordered``: in the order of ``shards``). Closing the
+    generator stops the actors."""
+    if not shards:
+        return
+    ensure_ray(resources.ray_address, resources.workers)
+    gpus = resources.gpus
+    if gpus == "auto":
+        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    n = max(1, min(resources.workers, len(shards)))
+    opts: dict[str, Any] = {
+        "max_restarts": resources.max_restarts,
+        "max_task_retries": resources.max_restarts,  # a shard is idempotent: safe to redo
+        "num_cpus": 1,
+        "num_gpus": 1 if gpus else 0,
+    }
+    device, threads = ("cuda", None) if gpus else ("cpu", 1)
+    actors = [PassWorker.options(**opts).remote(stage, atlas_path, device, threads)
+              for _ in range(n)]  # fmt: skip
+    try:
+        ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
+        submit = lambda s, shard: actors[s].run.remote(shard)  # noqa: E731
+        for _, out in bounded(shards, submit, n, resources.inflight_per_worker, ordered):
+            yield out
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+# ------------------------------------------------------------------ accounting
+
+
+@dataclass
+class Accounting:
+    """Tokens, forwards, seconds and placement of one stage run (part of the atlas)."""
+
+    stage: str
+    tokens: int = 0
+    forward_passes: int = 0
+    seconds: float = 0.0
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    corpus_tokens: int | None = None
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def add(self, out: dict[str, Any]) -> None:
+        self.tokens += int(out.get("tokens", 0))
+        self.forward_passes += int(out.get("forward_passes", 0))
+        if "node" in out:
+            w = self.workers.setdefault(f"{out['node']}/{out.get('pid', '')}/{out['device']}", {
+                "node": out["node"], "host": out.get("host"), "device": out["device"],
+                "shards": []})  # fmt: skip
+            if "shard" in out:
+                w["shards"].append(int(out["shard"]))
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self._t0, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        self.seconds = self.elapsed()
+        out = {"stage": self.stage, "tokens": self.tokens, "forward_passes": self.forward_passes,
+               "seconds": round(self.seconds, 3),
+               "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+               "workers": [dict(w, shards=sorted(w["shards"])) for w in self.workers.values()]}  # fmt: skip
+        if self.corpus_tokens:
+            # how many times this stage ran the corpus through each of its models
+            out["passes_per_token"] = round(self.tokens / self.corpus_tokens, 4)
+        return out
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Where a job's run accounting goes: the root atlas (also for its families) and the run."""
+
+    atlas: str
+    run: str
+
+    def record(self, entry: dict[str, Any]) -> None:
+        Atlas.open(self.atlas, mode="r+").record_stage(self.run, entry)
+
+
+# ------------------------------------------------------------------ the runner
+
+
+class StageRun:
+    """One run of a stage: iterate it to get each shard's result as it lands (``ordered``:
+    in shard order), or call :meth:`finish` to run it to the end. Shards already in the
+    manifest under the stage's key are skipped; each finished shard is marked at once, so a
+    killed run resumes shard by shard. Once every shard is done the driver merges (shard
+    order), marks the stage complete, drops its partials and records what it cost; the
+    result is then in :attr:`summary` (``{"skipped": True}`` for a stage already complete).
+    """
+
+    def __init__(self, stage: Stage, atlas_path: str, resources: ResourcesConfig,
+                 ledger: Ledger | None = None, ordered: bool = False):  # fmt: skip
+        self.stage, self.path, self.resources = stage, atlas_path, resources
+        self.ledger, self.ordered = ledger, ordered
+        self.summary: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stage = self.stage
+        atlas = Atlas.open(self.path, mode="r+")
+        entry = atlas.done(stage.name)
+        same = entry.get("fingerprint") == stage.key
+        if same and entry.get("complete"):
+            self.summary = {"skipped": True}
+            return
+        n_shards = len(atlas.shard_ranges())
+        done = set(entry.get("shards", [])) if same else set()
+        todo = [s for s in range(n_shards) if s not in done]
+        acct = Accounting(stage.name, corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
+        bar = tqdm(total=len(todo), desc=stage.description or stage.name, unit="shard")
+        try:
+            for out in iter_stage(stage, self.path, todo, self.resources, self.ordered):
+                atlas.mark(stage.name, stage.key, [out["shard"]])
+                acct.add(out)
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{acct.tokens / acct.elapsed():,.0f}")
+                yield out
+        finally:
+            bar.close()
+        missing = sorted(set(range(n_shards)) - set(atlas.done(stage.name).get("shards", [])))
+        if missing:
+            raise AtlasError(f"stage {stage.name}: shards {missing[:10]} were not recorded")
+        result = stage.merge(atlas) if stage.merge is not None else {}
+        atlas.mark(stage.name, stage.key, complete=True)
+        for w in stage.work:
+            atlas.drop_partials(w)
+        entry = acct.to_dict()
+        if self.ledger is not None and todo:
+            self.ledger.record(entry)
+        self.summary = {"accounting": entry, **result}
+
+    def finish(self) -> dict[str, Any]:
+        for _ in self:
+            pass
+        assert self.summary is not None
+        return self.summary
+
+
+def run_stage(stage: Stage, atlas_path: str, resources: ResourcesConfig,
+              ledger: Ledger | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``stage`` to the end (see :class:`StageRun`) and return its summary."""
+    return StageRun(stage, atlas_path, resources, ledger).finish()
+
+
+def stream_stage(stage: Stage, atlas_path: str, order: Iterable[int],
+                 resources: ResourcesConfig, ledger: Ledger | None = None
+                 ) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """A stage the driver consumes in shard order as it runs, with no manifest: the consumer
+    keeps its own resume point (a streamed SAE's checkpoint). Accounted when it ends."""
+    atlas = Atlas.open(atlas_path)
+    acct = Accounting(stage.name, corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
+    try:
+        for out in iter_stage(stage, atlas_path, list(order), resources, ordered=True):
+            acct.add(out)
+            yield out
+    finally:
+        if ledger is not None and acct.tokens:
+            ledger.record(acct.to_dict())

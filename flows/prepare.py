@@ -1,0 +1,175 @@
+"""Atlas set-up tasks: content keys, the checks that refuse a wrong atlas before anything is
+written, the tokenized corpus (shared by every model of a job) and each model's pre-sized
+arrays. Everything that can fail on bad input runs here, before any recording.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+import flows
+from flows.config import JobConfig, JobConfigError, ModelConfig
+from flows.tasks import TASK
+from ops.corpus import (
+    bundled_documents,
+    read_documents,
+    stratified_sample,
+    tokenize_documents,
+    vocab_bytes,
+)
+from ops.models import load_tokenizer, model_info
+from ops.stats import hist_spec
+from storage.atlas import Atlas, AtlasError
+
+# ------------------------------------------------------------------ fingerprints
+
+
+def corpus_fingerprint(job: JobConfig) -> str:
+    return job.fingerprint(
+        "corpus", job.corpus.model_dump_json(), job.models[0].source, str(job.models[0].revision),
+        str(job.record.sample_tokens), str(job.record.seed), flows.__version__,
+    )  # fmt: skip
+
+
+def model_fingerprint(job: JobConfig, model: ModelConfig, layers: list[int]) -> str:
+    return job.fingerprint(
+        "model", corpus_fingerprint(job), model.model_dump_json(), str(layers),
+        job.record.model_dump_json(), flows.__version__,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ atlas set-up
+
+
+def check_atlas(job: JobConfig, resume: bool, overwrite: bool) -> Atlas | None:
+    """The existing atlas this job continues, or None when a new one must be made.
+
+    Writes nothing, so a refused job leaves the existing atlas untouched.
+    """
+    path = job.atlas
+    if not Atlas.exists(path):
+        p = Path(path)
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise AtlasError(f"{path} exists and is not an atlas; refusing to write into it")
+        return None
+    if overwrite:
+        return None
+    atlas = Atlas.open(path, mode="r+")
+    if atlas.attrs.get("corpus_fingerprint") != corpus_fingerprint(job):
+        raise AtlasError(
+            f"atlas {path} was built from a different corpus, tokenizer or sample "
+            f"(its job: {atlas.attrs.get('job', {}).get('corpus')}); use another --atlas "
+            "or pass --overwrite to replace it"
+        )
+    unfinished = [
+        m.name for m in job.models
+        if m.name in atlas.models and not atlas.model_attrs(m.name).get("complete")
+    ]  # fmt: skip
+    if unfinished and not resume:
+        raise AtlasError(
+            f"atlas {path} has an unfinished run for {unfinished}; pass --resume to "
+            "continue it or --overwrite to start over"
+        )
+    return atlas
+
+
+@task(name="prepare-corpus", **TASK)
+def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Validate models, then tokenize the corpus once into ``corpus/`` (shared by all models).
+
+    Everything that can fail on bad input (models, layers, tokenizers, corpus files) runs
+    before the atlas is created or replaced.
+    """
+    log = get_run_logger()
+    atlas = check_atlas(job, resume, overwrite)
+    if atlas is not None and "corpus" in atlas.root:
+        log.info("corpus already in %s", job.atlas)
+        return dict(atlas.corpus.attrs)
+    for m in job.models:
+        resolve_layers(job, m, model_info(m.source, m.revision)["n_layers"])
+    tok = load_tokenizer(job.models[0].source, job.models[0].revision)
+    vocab = vocab_bytes(tok)
+    for m in job.models[1:]:
+        if vocab_bytes(load_tokenizer(m.source, m.revision)) != vocab:
+            raise JobConfigError(
+                f"models {job.models[0].name!r} and {m.name!r} have different tokenizers; "
+                "one job maps models that share a tokenizer (use one job per tokenizer)"
+            )
+    c = job.corpus
+    docs = (
+        bundled_documents(c.subsets, seed=c.seed)
+        if c.source == "bundled"
+        else read_documents(c.source, text_field=c.text_field, source_field=c.source_field)
+    )
+    tc = tokenize_documents(docs, tok, c.seq_len, c.max_tokens, prepend_bos=c.prepend_bos)
+    mask = tc.mask(exclude_bos=c.exclude_bos)
+    rows = min(c.shard_sequences, len(tc.tokens))
+    sample = stratified_sample(mask, rows, job.record.sample_tokens, job.record.seed)
+    if Atlas.exists(job.atlas):  # only reached with --overwrite
+        Atlas.remove(job.atlas)
+    atlas = Atlas.create(
+        job.atlas,
+        {"job": job.model_dump(mode="json"), "code_version": flows.__version__,
+         "corpus_fingerprint": corpus_fingerprint(job), "tokenizer": job.models[0].source},
+    )  # fmt: skip
+    atlas.write_corpus(
+        tc.tokens, tc.doc_ids, tc.sources, tc.source_names, mask, vocab, rows, sample,
+        attrs={"tokenizer": job.models[0].source, "documents": len(docs),
+               "bos_token_id": tok.bos_token_id, "prepend_bos": c.prepend_bos,
+               "exclude_bos": c.exclude_bos},
+    )  # fmt: skip
+    log.info("corpus: %d sequences x %d, %d tokens", *tc.tokens.shape, tc.n_tokens)
+    return dict(atlas.corpus.attrs)
+
+
+def resolve_layers(
+    job: JobConfig, model: ModelConfig, n_layers: int
+) -> tuple[list[int], list[int]]:
+    """Layers to record and to sample, checked against the model."""
+    layers = list(range(n_layers)) if job.layers == "all" else list(job.layers)
+    bad = [i for i in layers if i >= n_layers]
+    if bad:
+        raise JobConfigError(
+            f"field 'layers': {bad} out of range for model {model.name!r} "
+            f"({model.source}) with {n_layers} layers"
+        )
+    sl = job.record.sample_layers
+    sample = layers if sl == "all" else [i for i in sl if i in layers]
+    if sl != "all" and len(sample) != len(sl):
+        raise JobConfigError(
+            f"field 'record.sample_layers': {sorted(set(sl) - set(layers))} are not recorded layers"
+        )
+    if job.record.sample_tokens == 0:
+        sample = []
+    return layers, sample
+
+
+@task(name="prepare-model", **TASK)
+def prepare_model(job: JobConfig, model: ModelConfig) -> dict:
+    """Pre-size the model's arrays from its config (no weights loaded here)."""
+    info = model_info(model.source, model.revision)
+    layers, sample_layers = resolve_layers(job, model, info["n_layers"])
+    atlas = Atlas.open(job.atlas, mode="r+")
+    fp = model_fingerprint(job, model, layers)
+    if model.name in atlas.models and atlas.model_attrs(model.name).get("fingerprint") != fp:
+        raise AtlasError(
+            f"model {model.name!r} in {job.atlas} was mapped with a different configuration; "
+            "use another model name, another --atlas, or --overwrite"
+        )
+    spec = hist_spec(job.record.hist_bins, job.record.hist_min, job.record.hist_max)
+    if model.name not in atlas.models:
+        atlas.init_model(
+            model.name,
+            {
+                "source": model.source, "revision": model.revision,
+                "architecture": info["model_type"], "n_layers": info["n_layers"],
+                "d_mlp": info["d_mlp"], "hook_site": info["site"], "dtype": model.dtype,
+                "fingerprint": fp, "complete": False, "topk": job.record.topk,
+            },
+            layers, info["d_mlp"], job.record.topk, spec.edges(), sample_layers,
+        )  # fmt: skip
+    return {"layers": layers, "sample_layers": sample_layers, "fingerprint": fp, **info}
+
+

@@ -1,0 +1,280 @@
+"""The activation pass: one forward per batch, every layer's MLP activation to its consumers.
+
+Every analysis that reads MLP activations (neuron statistics, the activation sample,
+cross-model co-moments, the streamed SAE feed, dictionary-feature statistics) is a
+:class:`Consumer`. An :class:`ActivationPass` holds the loaded model(s) of a stage; per
+batch of token rows it runs each model once, just far enough for the deepest layer any
+consumer reads, and hands each consumer the activation view of the site(s) it asked for.
+So a stage that needs several consumers gets them all from **one** forward.
+
+The consumer protocol:
+
+- ``sites``: the ``(model index, layer)`` pairs it reads;
+- ``update(acts, rows, positions)``: ``acts`` holds one ``[N, d]`` view per site (the model's
+  own flattened tensor for the whole batch, never a copy), ``rows`` the recorded rows of it
+  (BOS and padding left out) and ``positions`` their flat corpus positions;
+- ``state()``: the mergeable partial on the host (numpy), for the shard or checkpoint;
+- ``merge(states)`` (static): the fold of partials, in the order given (shard order);
+- ``finalize(state)`` (static, optional): the result the atlas stores.
+
+Consumers with one site are called from the hook, while the view is live, so a CPU
+kernel can read the model's bfloat16 buffer in place. Consumers with several sites (the
+co-moments of two models) are called once every model has run the batch, with
+``rows=None``: their ``acts`` are the recorded rows already gathered in float32, once per
+site and batch, shared by every such consumer of the site.
+
+Nothing here knows Ray, Prefect or Zarr; ``flows.engine`` runs passes on workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ops.correlation import CoMomentAccumulator, CoMoments, merge_comoments
+from ops.models import LoadedModel, capture_mlp, forward_until
+from ops.stats import HistSpec, NeuronAccumulator, StatsPartial, finalize, merge_partials
+
+Site = tuple[int, int]
+"""``(model index in the pass, layer)``."""
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def attention_mask(mask: np.ndarray) -> np.ndarray:
+    """Attend to every position up to a row's last recorded one (BOS included, right pads not).
+
+    ``mask`` (recorded positions) excludes BOS as well as padding; padding is always at the
+    end of a row.
+    """
+    return np.flip(np.logical_or.accumulate(np.flip(mask, 1), axis=1), 1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token rows for one forward: ``rows`` index the flattened ``[B * S]`` batch, ``positions``
+    are their flat corpus positions (``sequence * seq_len + t``)."""
+
+    input_ids: torch.Tensor  # int64 [B, S]
+    attention: torch.Tensor  # int64 [B, S]
+    rows: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+
+
+def batches(tokens: np.ndarray, mask: np.ndarray, first_sequence: int, batch_size: int
+            ) -> Iterator[Batch]:  # fmt: skip
+    """The batches of a block of corpus rows that hold at least one recorded token."""
+    seq_len = tokens.shape[1]
+    for a in range(0, len(tokens), batch_size):
+        m = mask[a : a + batch_size]
+        rows = np.flatnonzero(m.reshape(-1))
+        if len(rows):
+            yield Batch(torch.from_numpy(tokens[a : a + batch_size].astype(np.int64)),
+                        torch.from_numpy(attention_mask(m)), rows,
+                        (first_sequence + a) * seq_len + rows)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- consumers
+
+
+class Consumer:
+    """One analysis fed by the activation pass (see the module docstring)."""
+
+    sites: tuple[Site, ...] = ()
+
+    def update(self, acts: Sequence[torch.Tensor], rows: torch.Tensor,
+               positions: torch.Tensor) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    def state(self) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def merge(states: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+
+class NeuronStats(Consumer):
+    """Moments, min/max, activation frequency, histogram and top-k of every neuron of a site."""
+
+    def __init__(self, site: Site, d: int, k: int, spec: HistSpec,
+                 device: torch.device | str = "cpu"):  # fmt: skip
+        self.sites = (site,)
+        self.acc = NeuronAccumulator(d, k, spec, device)
+
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        self.acc.update_rows(acts[0], rows, positions)
+
+    def state(self) -> StatsPartial:
+        return self.acc.partial()
+
+    merge = staticmethod(merge_partials)
+    finalize = staticmethod(finalize)
+
+
+class FeatureStats(Consumer):
+    """Neuron-style statistics of dictionary features: ``encode([T, d]) -> [T, n]`` per token."""
+
+    def __init__(self, site: Site, encode: Callable[[torch.Tensor], torch.Tensor], n: int,
+                 k: int, spec: HistSpec, device: torch.device | str = "cpu", name: str = ""):  # fmt: skip
+        self.sites = (site,)
+        self.encode, self.name = encode, name
+        self.acc = NeuronAccumulator(n, k, spec, device)
+
+    @torch.no_grad()
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        x = acts[0].index_select(0, rows).float()
+        self.acc.update(self.encode(x), positions)
+
+    def state(self) -> StatsPartial:
+        return self.acc.partial()
+
+    merge = staticmethod(merge_partials)
+    finalize = staticmethod(finalize)
+
+
+class ActivationSample(Consumer):
+    """The raw activations (float16) at chosen corpus ``positions`` (sorted; -1 = empty slot).
+
+    The state is one row per slot, in slot order: zeros where a slot is empty.
+    """
+
+    def __init__(self, site: Site, d: int, positions: np.ndarray):
+        self.sites = (site,)
+        self.want = np.asarray(positions, np.int64)
+        self.out = np.zeros((len(self.want), d), np.float16)
+
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        pos = positions.cpu().numpy()
+        slot = np.flatnonzero(np.isin(self.want, pos) & (self.want >= 0))
+        if len(slot):
+            src = torch.from_numpy(np.searchsorted(pos, self.want[slot]))
+            take = rows.index_select(0, src.to(rows.device))
+            self.out[slot] = acts[0].index_select(0, take).to(torch.float16).cpu().numpy()
+
+    def state(self) -> np.ndarray:
+        return self.out
+
+    @staticmethod
+    def merge(states: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(states))
+
+
+class ActivationFeed(Consumer):
+    """Every recorded row of a site, in corpus order, as float16 (the streamed SAE's input)."""
+
+    def __init__(self, site: Site):
+        self.sites = (site,)
+        self.parts: list[torch.Tensor] = []
+        self.width = 0
+
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        self.width = acts[0].shape[-1]
+        self.parts.append(acts[0].index_select(0, rows).to(torch.float16).cpu())
+
+    def state(self) -> np.ndarray:
+        if not self.parts:
+            return np.zeros((0, self.width), np.float16)
+        return torch.cat(self.parts).numpy()
+
+    @staticmethod
+    def merge(states: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(states))
+
+
+class CrossMoments(Consumer):
+    """Co-moments of two sites (two models' layers, or a layer with itself) on the same tokens."""
+
+    def __init__(self, a: Site, b: Site, da: int, db: int, device: torch.device | str = "cpu"):
+        self.sites = (a, b)
+        self.acc = CoMomentAccumulator(da, db, device)
+        self._same = a == b
+
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        # a joint consumer: ``acts`` are gathered float32 rows (see the module docstring)
+        self.acc.update(acts[0], acts[0] if self._same else acts[1])
+
+    def state(self) -> CoMoments:
+        return self.acc.partial()
+
+    merge = staticmethod(merge_comoments)
+
+
+# ---------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class PassCount:
+    """What a pass cost: recorded tokens (per model) and model forwards (over all models)."""
+
+    tokens: int = 0
+    forward_passes: int = 0
+
+    def add(self, o: PassCount) -> None:
+        self.tokens += o.tokens
+        self.forward_passes += o.forward_passes
+
+
+class ActivationPass:
+    """Runs ``models`` (fed the same tokens) once per batch and feeds ``consumers``.
+
+    Each model runs only up to the deepest layer its consumers read. A consumer whose sites
+    is one site is called from the hook; one reading several is called after the last model
+    has run the batch, with the gathered rows of its sites.
+    """
+
+    def __init__(self, models: Sequence[LoadedModel]):
+        if not models:
+            raise ValueError("ActivationPass needs at least one model")
+        self.models = list(models)
+        self.device = self.models[0].device
+
+    def run(self, batches_: Iterator[Batch] | Sequence[Batch],
+            consumers: Sequence[Consumer]) -> PassCount:  # fmt: skip
+        """Feed every batch to ``consumers``; returns the tokens and forwards it took."""
+        count = PassCount()
+        local: dict[Site, list[Consumer]] = {}
+        joint: list[Consumer] = []
+        for c in consumers:
+            if len(c.sites) == 1:
+                local.setdefault(c.sites[0], []).append(c)
+            else:
+                joint.append(c)
+        layers: dict[int, set[int]] = {}
+        for c in consumers:
+            for m, layer in c.sites:
+                layers.setdefault(m, set()).add(layer)
+        cur: dict[str, torch.Tensor] = {}
+        views: dict[Site, torch.Tensor] = {}
+        keep = {s for c in joint for s in c.sites}
+
+        def hook_for(m: int) -> Callable[[int, torch.Tensor], None]:
+            def on_act(layer: int, act: torch.Tensor) -> None:
+                flat = act.reshape(-1, act.shape[-1])
+                for c in local.get((m, layer), ()):
+                    c.update((flat,), cur["rows"], cur["positions"])
+                if (m, layer) in keep:
+                    views[(m, layer)] = flat.index_select(0, cur["rows"]).float()
+
+            return on_act
+
+        with ExitStack() as hooks:
+            for m in sorted(layers):
+                hooks.enter_context(capture_mlp(self.models[m], sorted(layers[m]), hook_for(m)))
+            for b in batches_:
+                cur["rows"] = torch.from_numpy(b.rows).to(self.device)
+                cur["positions"] = torch.from_numpy(b.positions).to(self.device)
+                for m in sorted(layers):
+                    forward_until(self.models[m], b.input_ids, b.attention, max(layers[m]))
+                    count.forward_passes += 1
+                for c in joint:
+                    c.update(tuple(views[s] for s in c.sites), None, cur["positions"])
+                views.clear()
+                count.tokens += len(b.rows)
+        return count

@@ -1,0 +1,146 @@
+"""The activation pass: one forward per batch feeds every consumer, against float64 numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ops.engine import (
+    ActivationFeed,
+    ActivationPass,
+    ActivationSample,
+    CrossMoments,
+    FeatureStats,
+    NeuronStats,
+    attention_mask,
+    batches,
+)
+from ops.models import capture_mlp, load_model
+from ops.stats import hist_spec
+from tests.ops.test_stats import _reference
+from tests.tiny_configs import CONFIGS, VOCAB
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        d = tmp_path_factory.mktemp(f"llama{seed}")
+        AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(d)
+        out.append(load_model(str(d), dtype="float32", device="cpu", with_tokenizer=False))
+    return out
+
+
+def _corpus(n_seq: int = 20, seq_len: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, VOCAB, size=(n_seq, seq_len)).astype(np.int32)
+    mask = np.ones_like(tokens, dtype=bool)
+    mask[:, 0] = False  # BOS
+    for r in range(0, n_seq, 3):  # right padding on some rows
+        mask[r, seq_len - 1 - r % 5 :] = False
+    return tokens, mask
+
+
+def _plain(lm, tokens, mask, layer):
+    """Every recorded row of ``layer`` from a plain full forward, float64, with positions."""
+    acts = []
+    with capture_mlp(lm, [layer], lambda _l, a: acts.append(a.reshape(-1, a.shape[-1]).clone())):
+        with torch.no_grad():
+            lm.model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                     attention_mask=torch.from_numpy(attention_mask(mask)))  # fmt: skip
+    flat = np.flatnonzero(mask.reshape(-1))
+    return acts[0].double().numpy()[flat], flat
+
+
+def test_one_forward_feeds_every_consumer(two_models) -> None:
+    """Statistics, sample, feed, features and co-moments from one pass equal a float64
+    recomputation on a plain forward, and each model ran once per batch."""
+    a, b = two_models
+    tokens, mask = _corpus()
+    spec = hist_spec(16, 1e-3, 10.0)
+    # sample slots: three recorded positions of the block (sequences 3..), one masked, one empty
+    want = np.array([3 * 16 + 1, 3 * 16 + 2, 5 * 16 + 7, 3 * 16, -1], np.int64)
+    w = torch.randn(48, 5, generator=torch.Generator().manual_seed(0))
+    cons = {
+        "stats": NeuronStats((0, 1), 48, 4, spec),
+        "stats0": NeuronStats((0, 0), 48, 4, spec),
+        "sample": ActivationSample((0, 1), 48, want),
+        "feed": ActivationFeed((0, 1)),
+        "feat": FeatureStats((0, 1), lambda x: torch.relu(x @ w), 5, 4, spec),
+        "cross": CrossMoments((0, 1), (1, 0), 48, 48),
+        "own": CrossMoments((1, 0), (1, 0), 48, 48),
+    }
+    calls = {"a": 0, "b": 0}
+    ha = a.model.register_forward_pre_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    hb = b.model.register_forward_pre_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    try:
+        count = ActivationPass([a, b]).run(batches(tokens, mask, 3, 6), list(cons.values()))
+    finally:
+        ha.remove()
+        hb.remove()
+    n_batches = -(-len(tokens) // 6)
+    assert calls == {"a": n_batches, "b": n_batches}
+    assert count.forward_passes == 2 * n_batches and count.tokens == mask.sum()
+
+    x1, flat = _plain(a, tokens, mask, 1)
+    x0, _ = _plain(a, tokens, mask, 0)
+    y0, _ = _plain(b, tokens, mask, 0)
+    pos = 3 * tokens.shape[1] + flat  # the block starts at corpus sequence 3
+    for key, x in (("stats", x1), ("stats0", x0)):
+        st = NeuronStats.finalize(cons[key].state())
+        ref = _reference(x.astype(np.float32), pos, 4, spec.edges())
+        for name in ("mean", "var", "min", "max", "frac_active", "hist"):
+            np.testing.assert_allclose(st[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(cons[key].state().top_positions, ref["top_positions"])
+    feed = cons["feed"].state()
+    assert feed.dtype == np.float16 and feed.shape == x1.shape
+    np.testing.assert_allclose(feed, x1, rtol=1e-3, atol=1e-3)
+    sample = cons["sample"].state()
+    assert not np.isin(want[3], pos)  # BOS: never recorded, so its slot stays empty
+    for i, p in enumerate(want):
+        if np.isin(p, pos):
+            np.testing.assert_allclose(sample[i], x1[np.searchsorted(pos, p)], rtol=1e-3, atol=1e-3)
+        else:
+            assert not sample[i].any()
+    z = np.maximum(x1 @ w.double().numpy(), 0)
+    fs = FeatureStats.finalize(cons["feat"].state())
+    np.testing.assert_allclose(fs["mean"], z.mean(0), rtol=1e-4, atol=1e-6)
+    cm = cons["cross"].state()
+    np.testing.assert_allclose(cm.pearson(), np.corrcoef(x1.T, y0.T)[:48, 48:], atol=1e-5)
+    own = cons["own"].state()
+    np.testing.assert_allclose(own.c, (y0 - y0.mean(0)).T @ (y0 - y0.mean(0)), rtol=1e-4,
+                               atol=1e-6)  # fmt: skip
+
+
+def test_shard_states_merge_to_the_whole(two_models) -> None:
+    """Per-shard states merged in shard order equal one pass over everything."""
+    a, _ = two_models
+    tokens, mask = _corpus(24)
+    spec = hist_spec(16, 1e-3, 10.0)
+    whole = NeuronStats((0, 1), 48, 3, spec)
+    ActivationPass([a]).run(batches(tokens, mask, 0, 5), [whole])
+    parts = []
+    for lo in (0, 8, 16):
+        c = NeuronStats((0, 1), 48, 3, spec)
+        ActivationPass([a]).run(batches(tokens[lo : lo + 8], mask[lo : lo + 8], lo, 5), [c])
+        parts.append(c.state())
+    merged, one = NeuronStats.merge(parts), whole.state()
+    np.testing.assert_allclose(merged.mean, one.mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(merged.m2, one.m2, rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(merged.hist, one.hist)
+    np.testing.assert_array_equal(merged.top_positions, one.top_positions)
+
+
+def test_a_model_runs_only_to_its_deepest_consumer(two_models) -> None:
+    a, _ = two_models
+    tokens, mask = _corpus(4)
+    seen = []
+    h = a.down_projs()[1].register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        ActivationPass([a]).run(batches(tokens, mask, 0, 4), [ActivationFeed((0, 0))])
+    finally:
+        h.remove()
+    assert not seen  # layer 1 never ran
