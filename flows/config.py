@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import re
 from functools import partial
@@ -19,10 +18,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ops.configs import ARCHITECTURES, SAEConfig, SNMFConfig, SteeringSearch
 from ops.errors import NeuronmapError
-from ops.sae import ARCHITECTURES, SAEConfig
-from ops.snmf import SNMFConfig
-from ops.steering import steer
 
 DEFAULT_JOB = Path(__file__).with_name("default_job.yaml")
 
@@ -187,12 +184,9 @@ def _ops_default(cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def _steer_default(name: str) -> Any:
-    return inspect.signature(steer).parameters[name].default
-
-
 _SAE = partial(_ops_default, SAEConfig)
 _SNMF = partial(_ops_default, SNMFConfig)
+_steer_default = partial(_ops_default, SteeringSearch)
 
 
 class SAERunConfig(_Strict):

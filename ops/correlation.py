@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ops.errors import ConfigError
+
 
 @dataclass
 class CoMoments:
@@ -73,7 +75,7 @@ class CoMoments:
 def merge_comoments(parts: Sequence[CoMoments]) -> CoMoments:
     """Left fold in the given order (a fixed order makes the result reproducible bit for bit)."""
     if not parts:
-        raise ValueError("merge_comoments needs at least one partial")
+        raise ConfigError("merge_comoments needs at least one partial")
     acc = parts[0]
     for p in parts[1:]:
         acc = acc.merge(p)
@@ -120,7 +122,7 @@ class CoMomentAccumulator:
                  matmul_dtype: torch.dtype = torch.float32, flush_tokens: int = 8192):  # fmt: skip
         dev = torch.device(device)
         if matmul_dtype != torch.float32 and dev.type != "cuda":
-            raise ValueError("reduced-precision co-moment products are for CUDA only")
+            raise ConfigError("reduced-precision co-moment products are for CUDA only")
         self.device, self.matmul_dtype = dev, matmul_dtype
         f64 = dict(dtype=torch.float64, device=dev)
         self.n = 0
@@ -149,7 +151,7 @@ class CoMomentAccumulator:
         if t == 0:
             return
         if b.shape[0] != t:
-            raise ValueError(f"a and b must share tokens: {a.shape[0]} != {b.shape[0]}")
+            raise ConfigError(f"a and b must share tokens: {a.shape[0]} != {b.shape[0]}")
         a = a.to(torch.float32)
         b = b.to(torch.float32)
         if self.shift_a is None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ops.correlation import CoMomentAccumulator, CoMoments, merge_comoments
+from ops.errors import ConfigError
 from ops.models import LoadedModel, capture_mlp, forward_until
 from ops.stats import HistSpec, NeuronAccumulator, StatsPartial, finalize, merge_partials
 
@@ -231,7 +232,7 @@ class ActivationPass:
 
     def __init__(self, models: Sequence[LoadedModel]):
         if not models:
-            raise ValueError("ActivationPass needs at least one model")
+            raise ConfigError("ActivationPass needs at least one model")
         self.models = list(models)
         self.device = self.models[0].device
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ops.errors import ModelError
+from ops.errors import ConfigError, ModelError
 from ops.models import site_spec
 
 __all__ = [
@@ -253,15 +253,15 @@ def vocab_composition(
     w_u = torch.as_tensor(w_u)
     w_out = torch.as_tensor(w_out, device=w_u.device)
     if w_out.dim() != 2 or w_u.dim() != 2 or w_out.shape[1] != w_u.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_composition: w_out {tuple(w_out.shape)} and w_u {tuple(w_u.shape)} must be "
             "[d_mlp, d_model] and [vocab, d_model]"
         )
     n, vocab = w_out.shape[0], w_u.shape[0]
     if not 0 < top <= vocab:
-        raise ValueError(f"vocab_composition: top={top} must be in 1..{vocab} (the vocabulary)")
+        raise ConfigError(f"vocab_composition: top={top} must be in 1..{vocab} (the vocabulary)")
     if chunk < 1:
-        raise ValueError(f"vocab_composition: chunk={chunk} must be positive")
+        raise ConfigError(f"vocab_composition: chunk={chunk} must be positive")
     dtype = torch.float64 if w_out.dtype == w_u.dtype == torch.float64 else torch.float32
     w_u_t = w_u.to(dtype).T
     w_out = w_out.to(dtype)
@@ -353,7 +353,7 @@ def label_neurons(
     if dead is not None:
         sizes.add(np.shape(dead)[0] if np.ndim(dead) == 1 else -1)
     if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(f"label_neurons: arrays disagree on d_mlp (sizes {sorted(sizes)})")
+        raise ConfigError(f"label_neurons: arrays disagree on d_mlp (sizes {sorted(sizes)})")
     (n,) = sizes
     if "vocab_kurt" in props and "vocab_skew" in props:
         kurt = np.asarray(props["vocab_kurt"], np.float64)
@@ -381,7 +381,7 @@ def direction_logit_lens(
     """
     d = torch.as_tensor(directions).to(w_out.dtype)
     if d.dim() != 2 or d.shape[1] != w_out.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"directions {tuple(d.shape)} must be [n, d_mlp] with d_mlp = {w_out.shape[0]}"
         )
     comp = vocab_composition(d @ w_out, w_u, top=top)

@@ -29,16 +29,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.configs import ARCHITECTURES, SAEConfig
+from ops.errors import ConfigError
 from ops.interventions import mean_losses
 
 __all__ = [
@@ -66,8 +68,6 @@ __all__ = [
     "train",
 ]
 
-ARCHITECTURES: dict[str, type[SAE]] = {}
-"""Registered SAE classes by ``SAEConfig.arch`` name."""
 
 CHECKPOINT_FORMAT = 1
 """Bump when the checkpoint layout changes; older checkpoints are then refused, not misread."""
@@ -78,112 +78,17 @@ INIT_TOKENS = 16_384
 _THRESHOLD_LR = 0.01  # BatchTopK inference threshold: EMA rate of the per-batch minimum (SAELens)
 _EPS = 1e-12
 
-BDecInit = Literal["geometric_median", "mean", "zeros"]
 
 
 def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
     """Class decorator: make an architecture available as ``SAEConfig(arch=name)``."""
 
     def deco(cls: type[SAE]) -> type[SAE]:
-        if ARCHITECTURES.get(name, cls) is not cls:
-            raise ValueError(f"arch: {name!r} is already registered to {ARCHITECTURES[name]}")
+        ARCHITECTURES.register(name, cls)
         cls.arch = name
-        ARCHITECTURES[name] = cls
         return cls
 
     return deco
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True, kw_only=True)
-class SAEConfig:
-    """Everything that decides an SAE and its training; validated on construction."""
-
-    arch: str = "topk"
-    """Architecture, a key of :data:`ARCHITECTURES`."""
-    d_in: int
-    """Width of the activations (the layer's ``d_mlp``)."""
-    n_latents: int
-    """Dictionary size; 8-32x ``d_in`` is usual."""
-    k: int = 32
-    """Active latents per token (``topk``), or per token on average over a batch (``batchtopk``)."""
-    l1_coef: float = 1e-3
-    """``relu``: weight of ``Σ |z_i| ||W_dec[i]||`` (per token, on unit-mean-square inputs)."""
-    jumprelu_threshold_init: float = 1e-3
-    """``jumprelu``: initial threshold of every latent."""
-    jumprelu_bandwidth: float = 1e-3
-    """``jumprelu``: width ε of the rectangle kernel in the threshold's pseudo-gradient."""
-    jumprelu_l0_coef: float = 1e-3
-    """``jumprelu``: weight of the L0 penalty (active latents per token)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    batch_size: int = 1024
-    """Tokens per optimiser step, for the batch producers (:func:`sample_batches`, buffers)."""
-    auxk: int = 256
-    """``topk``/``batchtopk``: dead latents per token that AuxK uses to model the residual."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss; 0 turns it off."""
-    dead_after_tokens: int = 10_000_000
-    """A latent is dead once it has not fired for this many training tokens."""
-    b_dec_init: BDecInit = "geometric_median"
-    """Decoder bias from the first batch: its geometric median (robust to outlier tokens such
-    as BOS-like massive activations), its mean, or zeros."""
-    normalize_input: bool = True
-    """Scale inputs to unit mean squared norm (scale from the first batch, stored in the
-    model), so that loss coefficients and learning rate transfer across layers and models."""
-    seed: int = 0
-    """Seed of the weight initialisation (nothing else is random in training)."""
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(
-                f"arch: unknown architecture {self.arch!r}; registered: {sorted(ARCHITECTURES)}"
-            )
-        for name in ("d_in", "n_latents", "k", "batch_size", "dead_after_tokens"):
-            _check_int(self, name, minimum=1)
-        for name in ("auxk", "seed"):
-            _check_int(self, name, minimum=0)
-        for name in ("lr", "jumprelu_threshold_init", "jumprelu_bandwidth"):
-            _check_float(self, name, positive=True)
-        for name in ("l1_coef", "jumprelu_l0_coef", "auxk_coef"):
-            _check_float(self, name, positive=False)
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ValueError(
-                "b_dec_init: must be 'geometric_median', 'mean' or 'zeros', "
-                f"got {self.b_dec_init!r}"
-            )
-        if not isinstance(self.normalize_input, bool):
-            raise ValueError(f"normalize_input: must be a bool, got {self.normalize_input!r}")
-        ARCHITECTURES[self.arch].validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON- and ``torch.load(weights_only=True)``-safe) for attrs/checkpoints."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error rather than silently dropped."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"SAEConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
-
-
-def _check_int(cfg: SAEConfig, name: str, minimum: int) -> None:
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {v!r}")
-
-
-def _check_float(cfg: SAEConfig, name: str, positive: bool) -> None:
-    v = getattr(cfg, name)
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or (v <= 0 if positive else v < 0):
-        raise ValueError(
-            f"{name}: must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}"
-        )
 
 
 # --------------------------------------------------------------------------- model
@@ -214,7 +119,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         if cfg.arch != self.arch:
-            raise ValueError(
+            raise ConfigError(
                 f"arch: config says {cfg.arch!r}, {type(self).__name__} is {self.arch!r}"
             )
         self.cfg = cfg
@@ -258,7 +163,7 @@ class SAE(nn.Module):
         good to about 1% and a whole stored sample costs no float64 copy of itself.
         """
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.cfg.d_in:
-            raise ValueError(f"x: need [T > 0, {self.cfg.d_in}], got shape {tuple(x.shape)}")
+            raise ConfigError(f"x: need [T > 0, {self.cfg.d_in}], got shape {tuple(x.shape)}")
         with torch.no_grad():
             x = x[:: -(-x.shape[0] // INIT_TOKENS)].to(self.W_dec)
             if self.cfg.normalize_input:
@@ -363,7 +268,7 @@ class TopKSAE(SAE):
     @classmethod
     def validate(cls, cfg: SAEConfig) -> None:
         if cfg.k > cfg.n_latents:
-            raise ValueError(f"k: must be <= n_latents ({cfg.n_latents}), got {cfg.k}")
+            raise ConfigError(f"k: must be <= n_latents ({cfg.n_latents}), got {cfg.k}")
 
     def activate(self, pre: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         pre = F.relu(pre)
@@ -535,7 +440,7 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
     float64 from the mean; stops when a step moves less than ``tol`` x the mean distance.
     """
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"x: need a non-empty [T, d] tensor, got shape {tuple(x.shape)}")
+        raise ConfigError(f"x: need a non-empty [T, d] tensor, got shape {tuple(x.shape)}")
     pts = x.detach().to(torch.float64)
     y = pts.mean(0)
     for _ in range(iters):
@@ -565,9 +470,9 @@ class ShuffleBuffer:
 
     def __init__(self, capacity: int, batch_size: int, seed: int = 0) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
         if capacity < 2 * batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"capacity: must be >= 2 * batch_size ({2 * batch_size}), got {capacity}"
             )
         self.capacity = capacity
@@ -582,9 +487,9 @@ class ShuffleBuffer:
     def add(self, chunk: Tensor) -> None:
         """Hold the tokens of ``chunk [T, d]`` (kept on its device)."""
         if chunk.ndim != 2:
-            raise ValueError(f"chunk: need [T, d], got shape {tuple(chunk.shape)}")
+            raise ConfigError(f"chunk: need [T, d], got shape {tuple(chunk.shape)}")
         if self._chunks and chunk.shape[1] != self._chunks[0].shape[1]:
-            raise ValueError(f"chunk: width {chunk.shape[1]} != {self._chunks[0].shape[1]}")
+            raise ConfigError(f"chunk: width {chunk.shape[1]} != {self._chunks[0].shape[1]}")
         if chunk.shape[0]:
             self._chunks.append(chunk)
             self._n += chunk.shape[0]
@@ -680,7 +585,7 @@ def sample_batches(
     n = sample.shape[0]
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise ValueError(f"sample: {n} tokens is less than one batch of {batch_size}")
+        raise ConfigError(f"sample: {n} tokens is less than one batch of {batch_size}")
     step = start_step
     while True:
         epoch, i = divmod(step, per_epoch)
@@ -739,7 +644,7 @@ def save_checkpoint(
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint: {path} has format {payload.get('format')!r}, "
+        raise ConfigError(f"checkpoint: {path} has format {payload.get('format')!r}, "
                          f"expected {CHECKPOINT_FORMAT}")  # fmt: skip
     return payload
 
@@ -797,7 +702,7 @@ def train(
     ``input_scale`` and ``b_dec`` unless the model already is (:meth:`SAE.init_from`).
     """
     if checkpoint_every < 1 or log_every < 0:
-        raise ValueError(f"checkpoint_every/log_every: got {checkpoint_every}, {log_every}")
+        raise ConfigError(f"checkpoint_every/log_every: got {checkpoint_every}, {log_every}")
     cfg = sae.cfg
     device = sae.W_dec.device
     # fused: one kernel over all parameters, ~2x faster than the per-tensor loop on CPU
@@ -808,14 +713,14 @@ def train(
         payload = _read_checkpoint(path)
         if payload["cfg"] != cfg.to_dict():
             diff = sorted(k for k, v in cfg.to_dict().items() if payload["cfg"].get(k) != v)
-            raise ValueError(f"checkpoint: {path} was trained with different {diff}")
+            raise ConfigError(f"checkpoint: {path} was trained with different {diff}")
         sae.load_state_dict(payload["model"])
         state = _state_from(payload, device)
         if state.optimizer:
             opt.load_state_dict(state.optimizer)
         if isinstance(batches, StreamBatches) and state.step:
             if payload.get("data") is None:
-                raise ValueError(f"checkpoint: {path} has no stream state to resume from")
+                raise ConfigError(f"checkpoint: {path} has no stream state to resume from")
             batches.load_state_dict(payload["data"])
     saved_at = state.step
     if steps is not None and state.step >= steps:
@@ -893,7 +798,7 @@ def metrics(
     try:
         n_tok, d = x.shape
         if n_tok == 0:
-            raise ValueError("x: no tokens")
+            raise ConfigError("x: no tokens")
         mean = x.to(torch.float64).mean(0)
         sq_err = total = 0.0
         l0 = 0

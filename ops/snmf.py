@@ -33,10 +33,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
+
+from ops.configs import SNMFConfig
+from ops.errors import ConfigError
 
 #: Columns per block when a shard is streamed (loss, norms): bounds temporaries to
 #: ``d_mlp * _CHUNK`` floats whatever the shard size.
@@ -51,62 +54,6 @@ _KMEANS_ITERS = 25
 _Y_FLUSH = 1e-18
 
 Array = np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class SNMFConfig:
-    """Hyper-parameters of one factorisation; validated on construction."""
-
-    #: Number of features (columns of ``Z``, rows of ``Y``).
-    k: int
-    #: Fraction of neurons kept per feature by hard top-|z| sparsification (at least one);
-    #: 0.01 as in the paper, i.e. a feature is ~1% of the layer's neurons.
-    keep_fraction: float = 0.01
-    #: Maximum number of iterations (one Z step and one Y step each).
-    iters: int = 200
-    #: Stop after this many iterations without progress (the factors of the best loss are
-    #: returned either way: sparsification makes the loss go up and down).
-    patience: int = 20
-    #: Progress = a loss more than ``tol`` (relative) below the loss at the last progress, so
-    #: a slow steady descent still counts once its gains add up to ``tol``.
-    tol: float = 1e-4
-    #: Initialisation: "svd" (top singular vectors of a sample, Ding et al.'s SVD init),
-    #: "kmeans" (centroids of a sample; Y = assignment + 0.2), "random" (Gaussian Z).
-    init: Literal["random", "svd", "kmeans"] = "svd"
-    #: Seed of the random init, the k-means init and the choice of init sample columns.
-    seed: int = 0
-    #: Guards divisions (multiplicative update), floors the initial Y (a multiplicative
-    #: update cannot move a zero) and, times the mean of diag(Y Yᵀ), is the ridge of the Z solve.
-    eps: float = 1e-9
-    #: Tokens (columns of A) drawn for the svd / k-means init; see :func:`init_sample_columns`.
-    init_tokens: int = 8192
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.k, int | np.integer) and self.k > 0):
-            raise ValueError(f"SNMFConfig.k must be a positive int, got {self.k!r}")
-        if not 0.0 < self.keep_fraction <= 1.0:
-            raise ValueError(
-                f"SNMFConfig.keep_fraction must be in (0, 1], got {self.keep_fraction}"
-            )
-        if self.iters < 1:
-            raise ValueError(f"SNMFConfig.iters must be >= 1, got {self.iters}")
-        if self.patience < 1:
-            raise ValueError(f"SNMFConfig.patience must be >= 1, got {self.patience}")
-        if not self.tol >= 0.0:
-            raise ValueError(f"SNMFConfig.tol must be >= 0, got {self.tol}")
-        if self.init not in ("random", "svd", "kmeans"):
-            raise ValueError(f"SNMFConfig.init must be random, svd or kmeans, got {self.init!r}")
-        if not self.eps > 0.0:
-            raise ValueError(f"SNMFConfig.eps must be > 0, got {self.eps}")
-        if self.init_tokens < 1:
-            raise ValueError(f"SNMFConfig.init_tokens must be >= 1, got {self.init_tokens}")
-
-    def keep(self, d: int) -> int:
-        """Neurons kept per feature: ``ceil(keep_fraction * d)``, at least 1.
-
-        The product is rounded first so that e.g. 0.07 * 100 keeps 7, not 8.
-        """
-        return max(1, math.ceil(round(self.keep_fraction * d, 9)))
 
 
 @dataclass
@@ -229,13 +176,13 @@ def init_z(sample: Array, cfg: SNMFConfig) -> torch.Tensor:
     """
     x = _f32(sample)
     if x.dim() != 2:
-        raise ValueError(f"init_z: sample must be [d, n], got {tuple(x.shape)}")
+        raise ConfigError(f"init_z: sample must be [d, n], got {tuple(x.shape)}")
     d, n = x.shape
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "random":
         return torch.randn(d, cfg.k, generator=gen, dtype=torch.float64).to(x)
     if cfg.k > min(d, n):
-        raise ValueError(
+        raise ConfigError(
             f"init_z: {cfg.init!r} init needs k={cfg.k} <= min(d, sample tokens) = {min(d, n)}"
         )
     if cfg.init == "kmeans":
@@ -310,7 +257,7 @@ def update_z(
     """
     d, k = ay.shape
     if yy.shape != (k, k):
-        raise ValueError(f"update_z: ay {tuple(ay.shape)} and yy {tuple(yy.shape)} disagree")
+        raise ConfigError(f"update_z: ay {tuple(ay.shape)} and yy {tuple(yy.shape)} disagree")
     z = _gram_solve(yy, ay.T.to(torch.float64), cfg.eps).T  # yy symmetric: Zᵀ = (YYᵀ)⁻¹ (AYᵀ)ᵀ
     m = cfg.keep(d)
     if m < d:
@@ -419,9 +366,9 @@ class LocalShards:
     def __init__(self, parts: Sequence[Array], cfg: SNMFConfig):
         self.parts = [_f32(p) for p in parts]
         if not self.parts or any(p.dim() != 2 for p in self.parts):
-            raise ValueError("LocalShards needs at least one [d, T_s] shard")
+            raise ConfigError("LocalShards needs at least one [d, T_s] shard")
         if len({p.shape[0] for p in self.parts}) != 1:
-            raise ValueError(f"shards disagree on d: {[tuple(p.shape) for p in self.parts]}")
+            raise ConfigError(f"shards disagree on d: {[tuple(p.shape) for p in self.parts]}")
         self.cfg = cfg
         self.ys: list[torch.Tensor] = []
         self.best: list[torch.Tensor] = []
@@ -478,7 +425,7 @@ def run(
     """
     n = backend.n_tokens()
     if n < 1:
-        raise ValueError("SNMF needs at least one token")
+        raise ConfigError("SNMF needs at least one token")
     z = init_z(backend.columns(init_sample_columns(n, cfg)), cfg)
     backend.init(z)
     norm2 = math.fsum(backend.norms())
@@ -526,7 +473,7 @@ def fit(
     """
     a = _f32(a)
     if a.dim() != 2 or a.shape[1] == 0:
-        raise ValueError(f"fit: a must be [d, T] with T >= 1, got {tuple(a.shape)}")
+        raise ConfigError(f"fit: a must be [d, T] with T >= 1, got {tuple(a.shape)}")
     if not 1 <= shards <= a.shape[1]:
-        raise ValueError(f"fit: shards={shards} must be in 1..{a.shape[1]} (the tokens)")
+        raise ConfigError(f"fit: shards={shards} must be in 1..{a.shape[1]} (the tokens)")
     return run(LocalShards(torch.tensor_split(a, shards, dim=1), cfg), cfg, callback)

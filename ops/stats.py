@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ops import kernels
+from ops.errors import ConfigError
 
 #: Positions must fit in 31 bits to be packed next to a float32 in one int64 key.
 MAX_POSITIONS = 2**31
@@ -67,9 +68,9 @@ class HistSpec:
 def hist_spec(bins: int, lo: float = 1e-3, hi: float = 1e4) -> HistSpec:
     """Finest power-of-two bins per octave such that ``[lo, hi]`` fits in ``bins // 2`` bins."""
     if bins < 4 or bins % 2:
-        raise ValueError(f"hist bins must be an even number >= 4, got {bins}")
+        raise ConfigError(f"hist bins must be an even number >= 4, got {bins}")
     if not 0 < lo < hi:
-        raise ValueError(f"need 0 < hist_min < hist_max, got {lo}, {hi}")
+        raise ConfigError(f"need 0 < hist_min < hist_max, got {lo}, {hi}")
     octaves = float(np.log2(hi / lo))
     mbits = 0
     while mbits < 7 and (2 ** (mbits + 1)) * octaves <= bins // 2 - 1:
@@ -227,7 +228,7 @@ def merge_topk_np(
 def merge_partials(parts: Sequence[StatsPartial]) -> StatsPartial:
     """Merge partials left to right (the fixed order is what makes the atlas reproducible)."""
     if not parts:
-        raise ValueError("merge_partials needs at least one partial")
+        raise ConfigError("merge_partials needs at least one partial")
     acc = parts[0]
     n, mean, m2, m3, m4 = acc.n, acc.mean, acc.m2, acc.m3, acc.m4
     vmin, vmax, n_pos = acc.vmin.copy(), acc.vmax.copy(), acc.n_pos.copy()
@@ -308,7 +309,7 @@ class NeuronAccumulator:
         if backend == "auto":
             backend = "numba" if dev.type == "cpu" and kernels.AVAILABLE else "torch"
         if backend not in ("numba", "torch") or (backend == "numba" and dev.type != "cpu"):
-            raise ValueError(f"backend {backend!r} is not available on {dev}")
+            raise ConfigError(f"backend {backend!r} is not available on {dev}")
         self.backend = backend
         f64 = dict(dtype=torch.float64, device=dev)
         self.n = 0

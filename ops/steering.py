@@ -27,6 +27,8 @@ import torch
 if TYPE_CHECKING:  # ops.models imports transformers (seconds): configs import this
     from ops.models import LoadedModel
 
+from ops.configs import SteeringSearch
+from ops.errors import ConfigError
 from ops.interventions import replace_mlp_activation
 
 __all__ = ["SteeringEval", "SteeringResult", "diff_in_means", "steer"]
@@ -36,7 +38,7 @@ def diff_in_means(acts: np.ndarray, labels: np.ndarray, a: int, b: int) -> np.nd
     """``mean(acts[labels == a]) - mean(acts[labels == b])`` in float64, ``[d]``."""
     for name, lab in (("a", a), ("b", b)):
         if not np.any(labels == lab):
-            raise ValueError(f"diff_in_means: no rows with label {name}={lab}")
+            raise ConfigError(f"diff_in_means: no rows with label {name}={lab}")
     x = np.asarray(acts, dtype=np.float64)
     return x[labels == a].mean(0) - x[labels == b].mean(0)
 
@@ -76,7 +78,7 @@ class SteeringEval:
     def __init__(self, loaded: LoadedModel, layer: int,
                  batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:  # fmt: skip
         if not batches:
-            raise ValueError("steering: no evaluation batches")
+            raise ConfigError("steering: no evaluation batches")
         self.loaded, self.layer = loaded, layer
         self.batches = batches
         norms: list[torch.Tensor] = []
@@ -91,7 +93,7 @@ class SteeringEval:
                 self.clean.append(self._logprobs(ids, attn, m))
         self.n_positions = sum(c.shape[0] for c in self.clean)
         if self.n_positions == 0:
-            raise ValueError("steering: the evaluation batches have no counted positions")
+            raise ConfigError("steering: the evaluation batches have no counted positions")
         self.act_norm = float(torch.cat(norms).mean())
 
     @torch.no_grad()
@@ -124,10 +126,10 @@ class SteeringEval:
 def steer(
     ev: SteeringEval,
     direction: np.ndarray | torch.Tensor,
-    target_kl: float = 0.5,
-    tolerance: float = 0.1,
-    max_evals: int = 24,
-    top: int = 10,
+    target_kl: float = SteeringSearch.target_kl,
+    tolerance: float = SteeringSearch.tolerance,
+    max_evals: int = SteeringSearch.max_evals,
+    top: int = SteeringSearch.top,
 ) -> SteeringResult:
     """Find ``alpha >= 0`` with KL within ``tolerance * target_kl`` of ``target_kl``.
 
@@ -136,12 +138,12 @@ def steer(
     roughly with log alpha). After ``max_evals`` evaluations it keeps the closest ``alpha``.
     """
     if target_kl <= 0 or tolerance <= 0 or max_evals < 2:
-        raise ValueError(f"steer: need target_kl > 0, tolerance > 0, max_evals >= 2; got "
+        raise ConfigError(f"steer: need target_kl > 0, tolerance > 0, max_evals >= 2; got "
                          f"{target_kl}, {tolerance}, {max_evals}")  # fmt: skip
     d = torch.as_tensor(np.asarray(direction), dtype=torch.float32).reshape(-1)
     norm = float(d.norm())
     if not math.isfinite(norm) or norm == 0:
-        raise ValueError("steer: the direction is zero or not finite")
+        raise ConfigError("steer: the direction is zero or not finite")
     d = d / norm
     evals: list[tuple[float, float]] = []
 

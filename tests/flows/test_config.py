@@ -255,3 +255,58 @@ def test_readme_job_example_validates() -> None:
     assert block, "README has no job example"
     job = parse_job(yaml.safe_load(block.group(1)))
     assert job.seeds is not None and job.dictionaries is not None and job.universality is not None
+
+
+# ---------------------------------------------------------------------------- one config
+
+
+def test_unknown_sae_arch_names_the_field_and_the_registry(tmp_path) -> None:
+    """A typo in an SAE arch fails at load, naming the field and every registered name,
+    without importing torch (the CLI answers before any model or corpus is touched)."""
+    import subprocess
+    import sys
+
+    bad = job(record={"sample_tokens": 64}, dictionaries={
+        "model": "m1", "layer": 0, "sae": [{"name": "a", "arch": "topkk"}]})  # fmt: skip
+    msg = error_of(bad)
+    assert "field 'dictionaries.sae.0.arch'" in msg
+    for name in ("topk", "batchtopk", "relu", "jumprelu"):
+        assert f"'{name}'" in msg
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    code = ("import sys; from flows.config import load_job, JobConfigError\n"
+            f"try: load_job({str(path)!r})\nexcept JobConfigError: pass\n"
+            "print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_dictionary_defaults_come_from_ops() -> None:
+    """Every SAE/SNMF/steering knob has one default: the ops config's."""
+    import dataclasses
+
+    from flows.config import SAERunConfig, SNMFRunConfig, SteeringConfig
+    from ops.configs import SAEConfig, SNMFConfig, SteeringSearch
+
+    for model, ops_cls, rename in ((SAERunConfig, SAEConfig, {}), (SNMFRunConfig, SNMFConfig, {}),
+                                   (SteeringConfig, SteeringSearch, {"top": "top_tokens"})):  # fmt: skip
+        for f in dataclasses.fields(ops_cls):
+            name = rename.get(f.name, f.name)
+            if name in model.model_fields and f.default is not dataclasses.MISSING:
+                assert model.model_fields[name].default == f.default, (model.__name__, name)
+    # every SAE knob is settable from the job and reaches the ops config
+    run = SAERunConfig(arch="jumprelu", jumprelu_l0_coef=0.01, auxk=7, b_dec_init="zeros")
+    cfg = run.sae_config(16, dead_after_tokens=100)
+    assert (cfg.jumprelu_l0_coef, cfg.auxk, cfg.b_dec_init, cfg.n_latents) == (0.01, 7, "zeros",
+                                                                               8 * 16)  # fmt: skip
+    assert SNMFRunConfig(k=3, tol=0.5).snmf_config() == SNMFConfig(k=3, tol=0.5)
+
+
+def test_ops_errors_are_user_errors() -> None:
+    """ops raises the project's typed config error (never retried, no CLI traceback)."""
+    from ops.configs import SAEConfig
+    from ops.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^k:") as e:
+        SAEConfig(d_in=4, n_latents=8, k=0)
+    assert isinstance(e.value, NeuronmapError) and isinstance(e.value, ValueError)

@@ -47,10 +47,10 @@ def _corpus(n_seq: int = 20, seq_len: int = 16, seed: int = 0):
 def _plain(lm, tokens, mask, layer):
     """Every recorded row of ``layer`` from a plain full forward, float64, with positions."""
     acts = []
-    with capture_mlp(lm, [layer], lambda _l, a: acts.append(a.reshape(-1, a.shape[-1]).clone())):
-        with torch.no_grad():
-            lm.model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
-                     attention_mask=torch.from_numpy(attention_mask(mask)))  # fmt: skip
+    keep = lambda _l, a: acts.append(a.reshape(-1, a.shape[-1]).clone())  # noqa: E731
+    with capture_mlp(lm, [layer], keep), torch.no_grad():
+        lm.model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                 attention_mask=torch.from_numpy(attention_mask(mask)))  # fmt: skip
     flat = np.flatnonzero(mask.reshape(-1))
     return acts[0].double().numpy()[flat], flat
 
