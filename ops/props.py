@@ -27,8 +27,7 @@ is on and returns numpy arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -36,16 +35,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ops.errors import ConfigError, ModelError
-from ops.models import site_spec
+from ops.models import arch_spec
 
 __all__ = [
     "DEFAULT_KURT_THRESHOLD",
-    "WEIGHTS",
-    "WeightSpec",
     "label_neurons",
     "neuron_properties",
     "neuron_weights",
-    "register_weights",
     "unembedding",
     "vocab_composition",
 ]
@@ -61,85 +57,9 @@ layers stand out with values in the tens to hundreds. 10 (more than three times 
 value) separates those tails from the bulk; pass another ``kurt_threshold`` to be stricter."""
 
 
-# --------------------------------------------------------------------------- per-family weights
-
-
-def _base(model: nn.Module) -> nn.Module:
-    """The backbone of a task model (``LlamaForCausalLM``) or the bare base model alike."""
-    base = getattr(model, "base_model", model)
-    return base if isinstance(base, nn.Module) else model
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """Where a family keeps what :data:`ops.models.SITES` does not say.
-
-    ``in_proj``: block -> the module whose output channels are the neurons' pre-activations
-    (``nn.Linear`` or GPT-2's ``Conv1D``; for gated MLPs the gate). The output projection is
-    the site's own ``down_proj``.
-    ``final_norm``: model -> the norm applied before the unembedding (``None`` when the model
-    has none); ``None`` instead of a function means the family has no linear readout
-    (encoders: BERT's MLM head has a dense + GELU + LayerNorm in front of its decoder).
-    ``norm_offset``: added to the norm's weight to get its gain (Gemma's RMSNorm multiplies by
-    ``1 + weight``).
-    ``out_project``: model -> a linear map between the final norm and ``lm_head`` (OPT-350m's
-    ``project_out``), or ``None``.
-    """
-
-    in_proj: Callable[[nn.Module], nn.Module]
-    final_norm: Callable[[nn.Module], nn.Module | None] | None
-    norm_offset: float = 0.0
-    out_project: Callable[[nn.Module], nn.Module | None] | None = None
-
-
-def _gated(norm_offset: float = 0.0) -> WeightSpec:
-    return WeightSpec(
-        in_proj=lambda b: b.mlp.gate_proj,
-        final_norm=lambda m: _base(m).norm,
-        norm_offset=norm_offset,
-    )
-
-
-WEIGHTS: dict[str, WeightSpec] = {
-    "gpt2": WeightSpec(in_proj=lambda b: b.mlp.c_fc, final_norm=lambda m: _base(m).ln_f),
-    **{t: _gated() for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
-    **{t: _gated(norm_offset=1.0) for t in ("gemma", "gemma2", "gemma3_text")},
-    "gpt_neox": WeightSpec(
-        in_proj=lambda b: b.mlp.dense_h_to_4h,
-        final_norm=lambda m: _base(m).final_layer_norm,
-    ),
-    "opt": WeightSpec(
-        in_proj=lambda b: b.fc1,
-        final_norm=lambda m: _base(m).decoder.final_layer_norm,
-        out_project=lambda m: _base(m).decoder.project_out,
-    ),
-    "bert": WeightSpec(in_proj=lambda b: b.intermediate.dense, final_norm=None),
-}
-"""Per-family weight accessors, keyed by the same ``model_type`` strings as ``SITES``."""
-
-
-def register_weights(model_type: str, spec: WeightSpec) -> None:
-    """Add or replace a family's weight accessors (next to ``ops.models.register_site``)."""
-    if not model_type:
-        raise ModelError("register_weights: model_type must be a non-empty string")
-    WEIGHTS[model_type] = spec
-
-
 def _model_type(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) or type(model).__name__
-
-
-def _weight_spec(model: nn.Module) -> WeightSpec:
-    site_spec(model)  # unknown everywhere: the registry's own error, listing the families
-    model_type = _model_type(model)
-    spec = WEIGHTS.get(model_type)
-    if spec is None:
-        raise ModelError(
-            f"model_type {model_type!r} has an MLP neuron site but no known weight layout; "
-            f"known: {', '.join(sorted(WEIGHTS))} (add one with ops.props.register_weights)"
-        )
-    return spec
 
 
 def _neuron_rows(module: nn.Module, role: str) -> torch.Tensor:
@@ -159,7 +79,7 @@ def _neuron_rows(module: nn.Module, role: str) -> torch.Tensor:
 
 
 def _block(model: nn.Module, layer: int) -> nn.Module:
-    blocks = site_spec(model).layers(model)
+    blocks = arch_spec(model).layers(model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(blocks):
         raise ModelError(
             f"model_type {_model_type(model)!r}: layer {layer!r} is out of range; "
@@ -176,10 +96,10 @@ def neuron_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Te
     activation (MLP output = ``act @ W_out + b_out``). Copies: editing them leaves the model
     alone.
     """
-    spec = _weight_spec(model)
+    spec = arch_spec(model)
     block = _block(model, layer)
     w_in = _neuron_rows(spec.in_proj(block), "in")
-    w_out = _neuron_rows(site_spec(model).down_proj(block), "out")
+    w_out = _neuron_rows(arch_spec(model).down_proj(block), "out")
     if w_in.shape != w_out.shape:
         raise ModelError(
             f"model_type {_model_type(model)!r} layer {layer}: W_in {tuple(w_in.shape)} and "
@@ -205,7 +125,7 @@ def unembedding(model: nn.Module, fold_norm: bool = True) -> torch.Tensor | None
     since without it the head does not live in the residual stream's space.
     Gemma-2's final logit soft-capping (a monotone tanh) is not modelled.
     """
-    spec = _weight_spec(model)
+    spec = arch_spec(model)
     if spec.final_norm is None:
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -23,10 +23,11 @@ from transformers import (
 
 from ops.errors import ModelError
 from ops.models import (
-    SITES,
+    ARCHS,
     SUPPORTED,
+    ArchSpec,
     LoadedModel,
-    SiteSpec,
+    arch_spec,
     cache_dir,
     capture_mlp,
     forward_until,
@@ -34,10 +35,9 @@ from ops.models import (
     load_tokenizer,
     model_info,
     prepare_source,
-    register_site,
+    register_arch,
     resolve_device,
     resolve_dtype,
-    site_spec,
 )
 from tests.tiny_configs import CONFIGS, VOCAB
 from tests.tiny_configs import tiny_config as _tiny_config
@@ -102,10 +102,10 @@ def _run(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
 
 def test_registry_covers_the_families() -> None:
     assert set(CONFIGS) == set(SUPPORTED)
-    assert set(SUPPORTED) <= set(SITES)
+    assert set(SUPPORTED) <= set(ARCHS)
     for model_type in SUPPORTED:
-        spec = site_spec(model_type)
-        assert isinstance(spec, SiteSpec) and spec.description
+        spec = arch_spec(model_type)
+        assert isinstance(spec, ArchSpec) and spec.description
 
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))
@@ -114,7 +114,7 @@ def test_capture_matches_recomputed_mlp_activation(model_type: str, tiny_dirs: d
     config = _tiny_config(model_type)
     expected_d_mlp = {"gpt2": 4 * 32, "opt": 56, "gpt_neox": 40, "bert": 44}.get(model_type, 48)
     assert (lm.model_type, lm.n_layers, lm.d_mlp) == (model_type, 2, expected_d_mlp)
-    assert lm.site == site_spec(config).description
+    assert lm.site == arch_spec(config).description
     assert lm.path == str(tiny_dirs[model_type]) and lm.revision is None
     assert lm.dtype == torch.float32 and lm.device == torch.device("cpu")
     assert not lm.model.training
@@ -133,7 +133,7 @@ def test_capture_matches_recomputed_mlp_activation(model_type: str, tiny_dirs: d
     captured: dict[int, torch.Tensor] = {}
     reference: dict[int, torch.Tensor] = {}
     get_mod, recompute = _reference_hooks(model_type)
-    blocks = site_spec(lm.model).layers(lm.model)
+    blocks = arch_spec(lm.model).layers(lm.model)
     handles = []
     for i, block in enumerate(blocks):
         if model_type == "opt":
@@ -184,7 +184,7 @@ def test_capture_removes_hooks_even_on_error(tiny_dirs: dict) -> None:
     assert calls == [1]
     for proj in lm.down_projs():
         assert not proj._forward_pre_hooks and not proj._forward_hooks
-    for block in site_spec(lm.model).layers(lm.model):
+    for block in arch_spec(lm.model).layers(lm.model):
         assert not block._forward_pre_hooks
 
 
@@ -205,7 +205,7 @@ def test_forward_until_matches_full_forward_and_stops(model_type: str, tiny_dirs
     with capture_mlp(lm, [0, 1], lambda i, a: full.__setitem__(i, a.clone())):
         _run(lm, ids, mask)
 
-    blocks = site_spec(lm.model).layers(lm.model)
+    blocks = arch_spec(lm.model).layers(lm.model)
     later_calls: list[str] = []
     h_block = blocks[1].register_forward_hook(lambda *a: later_calls.append("block1"))
     h_proj0 = lm.down_projs()[0].register_forward_hook(lambda *a: later_calls.append("proj0"))
@@ -304,7 +304,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     for call in (
         lambda: load_model(str(tmp_path / "t5"), device="cpu"),
         lambda: model_info(str(tmp_path / "t5")),
-        lambda: site_spec(t5),
+        lambda: arch_spec(t5),
     ):
         with pytest.raises(ModelError) as err:
             call()
@@ -313,22 +313,24 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
             assert model_type in str(err.value)
 
 
-def test_register_site_adds_a_family() -> None:
+def test_register_arch_adds_a_family() -> None:
     config = PretrainedConfig()
     config.model_type = "my_arch"
     with pytest.raises(ModelError, match="my_arch"):
-        site_spec(config)
-    spec = SiteSpec(
+        arch_spec(config)
+    spec = ArchSpec(
         layers=lambda m: m.blocks,
         down_proj=lambda b: b.out,
         d_mlp=lambda c: 7,
         description="out input",
+        in_proj=lambda b: b.inp,
+        final_norm=None,
     )
-    register_site("my_arch", spec)
+    register_arch("my_arch", spec)
     try:
-        assert site_spec(config) is spec
+        assert arch_spec(config) is spec
     finally:
-        del SITES["my_arch"]
+        del ARCHS["my_arch"]
 
 
 def test_missing_sources(tmp_path: Path) -> None:

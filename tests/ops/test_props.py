@@ -23,15 +23,12 @@ from transformers import (
 )
 
 from ops.errors import ModelError
-from ops.models import SITES, SiteSpec, register_site, site_spec
+from ops.models import ARCHS, ArchSpec, arch_spec, register_arch
 from ops.props import (
     DEFAULT_KURT_THRESHOLD,
-    WEIGHTS,
-    WeightSpec,
     label_neurons,
     neuron_properties,
     neuron_weights,
-    register_weights,
     unembedding,
     vocab_composition,
 )
@@ -95,8 +92,8 @@ def _mlp_pieces(model_type: str, block: nn.Module) -> tuple:
 # --------------------------------------------------------------------------- neuron_weights
 
 
-def test_registry_matches_sites() -> None:
-    assert set(CONFIGS) == set(SITES) == set(WEIGHTS)
+def test_every_family_has_a_tiny_config() -> None:
+    assert set(CONFIGS) == set(ARCHS)
 
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))
@@ -107,7 +104,7 @@ def test_weights_equal_parameters(model_type: str) -> None:
         w_in, w_out = neuron_weights(model, layer)
         assert w_in.shape == w_out.shape == (d_mlp, D_MODEL)
         assert w_in.dtype == w_out.dtype == torch.float32
-        block = site_spec(model).layers(model)[layer]
+        block = arch_spec(model).layers(model)[layer]
         in_mod, _, _, out_mod, _ = _mlp_pieces(model_type, block)
         if model_type == "gpt2":  # Conv1D: weight [in, out]
             for i in (0, 5, d_mlp - 1):
@@ -131,13 +128,13 @@ def test_weights_reproduce_the_mlp(model_type: str) -> None:
     """Behavioural: the hidden activation at the neuron site is act(x @ W_in.T + b_in) (times
     the up projection for gated MLPs), and the MLP output is hidden @ W_out + b_out."""
     model = _tiny(model_type)
-    block = site_spec(model).layers(model)[1]
+    block = arch_spec(model).layers(model)[1]
     in_mod, act, up, out_mod, run = _mlp_pieces(model_type, block)
     w_in, w_out = neuron_weights(model, 1)
 
     x = torch.randn(3, 5, D_MODEL, generator=torch.Generator().manual_seed(7))
     seen: dict[str, torch.Tensor] = {}
-    site = site_spec(model).down_proj(block)
+    site = arch_spec(model).down_proj(block)
     h1 = site.register_forward_pre_hook(lambda m, a: seen.__setitem__("hidden", a[0].clone()))
     h2 = site.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o.clone()))
     try:
@@ -184,21 +181,20 @@ def test_bad_layer_and_unknown_family() -> None:
             self.blocks[0].out = nn.Linear(6, 4)
 
     tiny = Tiny()
-    register_site(
+    with pytest.raises(ModelError, match="my_arch.*register_arch"):
+        neuron_weights(tiny, 0)
+    register_arch(
         "my_arch",
-        SiteSpec(lambda m: m.blocks, lambda b: b.out, lambda c: 6, "out input"),
+        ArchSpec(lambda m: m.blocks, lambda b: b.out, lambda c: 6, "out input",
+                 in_proj=lambda b: b.inp, final_norm=None),  # fmt: skip
     )
     try:
-        with pytest.raises(ModelError, match="my_arch.*register_weights"):
-            neuron_weights(tiny, 0)
-        register_weights("my_arch", WeightSpec(in_proj=lambda b: b.inp, final_norm=None))
         w_in, w_out = neuron_weights(tiny, 0)
         assert torch.equal(w_in, tiny.blocks[0].inp.weight)
         assert torch.equal(w_out, tiny.blocks[0].out.weight.T)
         assert unembedding(tiny) is None
     finally:
-        SITES.pop("my_arch", None)
-        WEIGHTS.pop("my_arch", None)
+        ARCHS.pop("my_arch", None)
 
 
 # --------------------------------------------------------------------------- unembedding
@@ -375,7 +371,7 @@ def test_planted_prediction_and_suppression_neurons() -> None:
 
 def test_neuron_properties_on_a_model() -> None:
     model = _fresh("llama")
-    mlp = site_spec(model).layers(model)[1].mlp
+    mlp = arch_spec(model).layers(model)[1].mlp
     token, g = 17, torch.Generator().manual_seed(2)
     direction = torch.randn(D_MODEL, generator=g)
     with torch.no_grad():
