@@ -422,19 +422,24 @@ class Atlas(UniversalityMixin, DictionariesMixin):
 
     def record_stage(self, run: str, entry: Mapping[str, Any]) -> None:
         """Append one stage's accounting (tokens, forwards, seconds, workers) to run ``run``;
-        the run is created on its first stage. Only the driver writes it."""
-        runs = list(self.root.attrs.get("runs", []))
+        the run is created on its first stage. Only the driver writes it, into a group of its
+        own: the root's attrs are cached per open atlas, and a stale copy written back by
+        another writer (``touch``) would drop entries."""
+        g = _require_group(self.root, "_runs")
+        runs = list(g.attrs.get("runs", []))
         cur = next((r for r in runs if r.get("run") == run), None)
         if cur is None:
             cur = {"run": run, "started": _now(), "stages": []}
             runs.append(cur)
         cur["stages"].append(jsonable(dict(entry)))
         cur["finished"] = _now()
-        self.root.attrs["runs"] = runs[-self.MAX_RUNS :]
+        g.attrs["runs"] = runs[-self.MAX_RUNS :]
 
     def runs(self) -> list[dict[str, Any]]:
         """Every recorded run, latest last: ``{"run", "started", "finished", "stages": [...]}``."""
-        return list(self.root.attrs.get("runs", []))
+        if "_runs" not in self.root:
+            return []
+        return list(self.root["_runs"].attrs.get("runs", []))
 
     # ------------------------------------------------------------------ queries
 
