@@ -40,7 +40,8 @@ from ops import snmf as snmf_ops
 from ops.engine import ActivationFeed, Consumer, FeatureStats
 from ops.stats import StatsPartial, finalize, hist_spec
 from storage.atlas import Atlas
-from storage.dictionaries import contrast_key, steering_key
+from storage.layout import contrast_key, steering_key
+from storage.store import Store
 
 
 def _logger() -> Any:
@@ -294,7 +295,7 @@ def _feature_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dic
     return {}
 
 
-def _feature_merge(job: JobConfig, model: str, keys: list[str], atlas: Atlas) -> dict:
+def _feature_merge(job: JobConfig, model: str, keys: list[str], atlas: Store) -> dict:
     out = {}
     shards = range(len(atlas.shard_ranges()))
     for key in keys:
@@ -383,7 +384,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
                        ) -> dict:  # fmt: skip
     """Train every SAE and SNMF run, then store weights, feature stats, metrics and steering."""
     log = get_run_logger()
-    atlas = Atlas.open(job.atlas, mode="r+")
+    atlas = Store.open(job.atlas)
     model, layer, steering = dcfg.model, dcfg.layer, dcfg.steering
     fp = dictionaries_fingerprint(dcfg, atlas.model_attrs(model)["fingerprint"])
     entry = atlas.done("dictionaries")

@@ -28,6 +28,7 @@ from flows.config import ModelConfig, ResourcesConfig
 from ops.engine import ActivationPass, Consumer, batches
 from ops.models import LoadedModel, load_model
 from storage.atlas import Atlas, AtlasError
+from storage.store import Store
 
 
 def ensure_ray(address: str | None, workers: int) -> None:
@@ -61,7 +62,7 @@ class Shard:
     """What a stage's hooks see of the shard a worker is running."""
 
     index: int
-    atlas: Atlas
+    atlas: Store
     models: list[LoadedModel]
     setup: Any = None  # what ``Stage.setup`` made once on this worker
 
@@ -94,7 +95,7 @@ class Stage:
     persist: Persist
     batch_size: int
     setup: Callable[[list[LoadedModel]], Any] | None = None
-    merge: Callable[[Atlas], dict[str, Any]] | None = None
+    merge: Callable[[Store], dict[str, Any]] | None = None
     work: Sequence[str] = ()
     description: str = ""
 
@@ -109,7 +110,7 @@ class PassWorker:
         self.stage = stage
         self.models = [worker_model(m, device) for m in stage.models]
         self.setup = stage.setup(self.models) if stage.setup is not None else None
-        self.atlas = Atlas.open(atlas_path, mode="r+")
+        self.atlas = Store.open(atlas_path)
         self.engine = ActivationPass(self.models)
         dev = self.models[0].device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
@@ -251,7 +252,7 @@ class Ledger:
     run: str
 
     def record(self, entry: dict[str, Any]) -> None:
-        Atlas.open(self.atlas, mode="r+").record_stage(self.run, entry)
+        Store.open(self.atlas).record_stage(self.run, entry)
 
 
 # ------------------------------------------------------------------ the runner
@@ -274,7 +275,7 @@ class StageRun:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stage = self.stage
-        atlas = Atlas.open(self.path, mode="r+")
+        atlas = Store.open(self.path)
         entry = atlas.done(stage.name)
         same = entry.get("fingerprint") == stage.key
         if same and entry.get("complete"):

@@ -33,6 +33,8 @@ from flows.record import model_properties, record_model
 from flows.seeds import train_seeds
 from flows.universality import universality
 from storage.atlas import Atlas
+from storage.layout import family_path
+from storage.store import Store
 
 
 def _summary_markdown(job: JobConfig, rows: list[dict], uni: dict | None, ledger: Ledger) -> str:
@@ -78,7 +80,7 @@ def family_job(job: JobConfig, models: list[dict]) -> JobConfig:
     """The sub-job mapping a trained family into its own atlas inside the job's atlas."""
     assert job.seeds is not None
     return JobConfig(
-        atlas=Atlas.family_path(job.atlas, job.seeds.name),
+        atlas=family_path(job.atlas, job.seeds.name),
         corpus=job.corpus,
         models=[ModelConfig(name=m["name"], source=m["source"]) for m in models],
         layers="all",
@@ -102,7 +104,7 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
         fam = train_seeds(job.seeds, texts_source=job.corpus.source, subsets=job.corpus.subsets,
                           ray_address=job.resources.ray_address, ledger=ledger)  # fmt: skip
         fjob = family_job(job, fam["models"])
-        Atlas.open(job.atlas, mode="r+").ensure_families_group()
+        Store.open(job.atlas).ensure_families_group()
         rows += _map_models(fjob, ledger, resume, overwrite=False)[1]
         ucfg = job.universality or UniversalityConfig(family=job.seeds.name)
         uni = universality(fjob, list(fjob.models), ucfg, ledger)

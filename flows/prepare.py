@@ -22,6 +22,7 @@ from ops.corpus import (
 from ops.models import load_tokenizer, model_info
 from ops.stats import hist_spec
 from storage.atlas import Atlas, AtlasError
+from storage.store import Store
 
 # ------------------------------------------------------------------ fingerprints
 
@@ -56,7 +57,7 @@ def check_atlas(job: JobConfig, resume: bool, overwrite: bool) -> Atlas | None:
         return None
     if overwrite:
         return None
-    atlas = Atlas.open(path, mode="r+")
+    atlas = Store.open(path)
     if atlas.attrs.get("corpus_fingerprint") != corpus_fingerprint(job):
         raise AtlasError(
             f"atlas {path} was built from a different corpus, tokenizer or sample "
@@ -108,8 +109,8 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
     rows = min(c.shard_sequences, len(tc.tokens))
     sample = stratified_sample(mask, rows, job.record.sample_tokens, job.record.seed)
     if Atlas.exists(job.atlas):  # only reached with --overwrite
-        Atlas.remove(job.atlas)
-    atlas = Atlas.create(
+        Store.remove(job.atlas)
+    atlas = Store.create(
         job.atlas,
         {"job": job.model_dump(mode="json"), "code_version": flows.__version__,
          "corpus_fingerprint": corpus_fingerprint(job), "tokenizer": job.models[0].source},
@@ -151,7 +152,7 @@ def prepare_model(job: JobConfig, model: ModelConfig) -> dict:
     """Pre-size the model's arrays from its config (no weights loaded here)."""
     info = model_info(model.source, model.revision)
     layers, sample_layers = resolve_layers(job, model, info["n_layers"])
-    atlas = Atlas.open(job.atlas, mode="r+")
+    atlas = Store.open(job.atlas)
     fp = model_fingerprint(job, model, layers)
     if model.name in atlas.models and atlas.model_attrs(model.name).get("fingerprint") != fp:
         raise AtlasError(

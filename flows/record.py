@@ -18,6 +18,7 @@ from flows.tasks import TASK
 from ops.engine import ActivationFeed, ActivationSample, Consumer, NeuronStats
 from ops.stats import HistSpec, StatsPartial, finalize, hist_spec, merge_partials, stack_partials
 from storage.atlas import Atlas
+from storage.store import Store
 
 # ------------------------------------------------------------------ the record stage
 
@@ -51,7 +52,7 @@ def _record_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dict
     return out
 
 
-def _record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Atlas) -> dict:
+def _record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -> dict:
     """Fold the shard partials in shard order (deterministic), write stats and top-k."""
     n_shards = len(atlas.shard_ranges())
     acc: StatsPartial | None = None
@@ -132,7 +133,7 @@ def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger 
         out = run.summary or {}
     acct = out.get("accounting")
     if acct:
-        atlas = Atlas.open(job.atlas, mode="r+")
+        atlas = Store.open(job.atlas)
         atlas.model_group(model.name).attrs.update({"tokens_per_second": acct["tokens_per_s"]})
         get_run_logger().info("%s: %d tokens in %.1fs (%.0f tok/s)", model.name, acct["tokens"],
                               acct["seconds"], acct["tokens_per_s"] or 0)  # fmt: skip
@@ -160,7 +161,7 @@ def _properties(source: str, revision: str | None, layers: list[int], top: int) 
 @task(name="properties", **TASK)
 def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
     """W_in/W_out norms and cosine, vocabulary composition, prediction/suppression labels."""
-    atlas = Atlas.open(job.atlas, mode="r+")
+    atlas = Store.open(job.atlas)
     if not job.record.properties or atlas.model_attrs(model.name).get("props_complete"):
         return {}
     ensure_ray(job.resources.ray_address, job.resources.workers)

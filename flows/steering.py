@@ -14,7 +14,8 @@ from flows.config import JobConfigError, SteeringConfig
 from ops.engine import attention_mask
 from ops.steering import SteeringEval, diff_in_means, steer
 from storage.atlas import Atlas
-from storage.dictionaries import contrast_key, steering_key
+from storage.layout import contrast_key, steering_key
+from storage.store import Store
 
 
 def sample_by_shard(
@@ -88,7 +89,7 @@ def steer_feature(atlas_path: str, model: str, layer: int, cfg: SteeringConfig, 
     store the result in the atlas, and return its key (``Atlas.steering`` reads it back)."""
     from ops.models import load_model
 
-    atlas = Atlas.open(atlas_path, mode="r+").owner(model)
+    atlas = Store.open(atlas_path).owner(model)
     if (feature is None) == (contrast is None):
         raise JobConfigError("steer: give a feature (with its method) or a contrast, not both")
     baseline: dict[str, np.ndarray] = {}

@@ -17,6 +17,7 @@ from ops.correlation import CoMoments
 from ops.engine import Consumer, CrossMoments
 from ops.universality import compare_groups, compute_universality, fold, overview, pairs
 from storage.atlas import Atlas
+from storage.store import Store
 
 WORK = "_universality"
 
@@ -49,7 +50,7 @@ def _persist(shard: Shard, consumers: list[Consumer]) -> dict:
     return {}
 
 
-def _merge(models: list[ModelConfig], cfg: UniversalityConfig, atlas: Atlas) -> dict:
+def _merge(models: list[ModelConfig], cfg: UniversalityConfig, atlas: Store) -> dict:
     moments: dict[str, CoMoments] = {}
     for s in tqdm(range(len(atlas.shard_ranges())), desc="merge correlations", unit="shard"):
         fold(moments, atlas.read_partial(WORK, s))

@@ -1,133 +1,69 @@
-"""The atlas: one Zarr v3 group holding corpus, per-neuron statistics and examples.
+"""The query API: a read-only view of one atlas (``Atlas.open(path)``).
 
-Layout (paths other stages and tools rely on)::
-
-    attrs: schema_version, job, code_version, tokenizer, created, updated
-    corpus/tokens [n_seq, seq_len] int32, doc_ids [n_seq], sources [n_seq], mask [n_seq, seq_len]
-    corpus/vocab_bytes, corpus/vocab_offsets       token id -> raw bytes (decoding without models)
-    corpus/sample_positions [n_sample]             flat positions of the activation sample
-    models/<m>/layers/<L>/stats/{count,mean,var,skew,kurt,min,max,frac_active,hist,hist_edges,
-                                 dead,massive}
-    models/<m>/layers/<L>/topk/{values,positions}  [d_mlp, k]; positions index corpus/tokens.flat
-    models/<m>/layers/<L>/sample [n_sample, d_mlp] float16 (optional)
-    _work/<m>/shard_<i>/...                        per-shard partials, removed after the merge
-    _manifest (attrs)                              which shards of which stage are complete
-
-Writers follow the rules of DESIGN.md: arrays are created with their final shape, every
-corpus shard maps to whole chunks, one writer per chunk, and a region counts as written
-only once the manifest says so (Zarr reads unwritten chunks back as the fill value).
+Layout in :mod:`storage.layout`; writers in :mod:`storage.store` (used by ``flows``); what
+queries return in :mod:`storage.records`. A model of a family (its own tokenizer, so a nested
+atlas under ``families/<name>``) is found by name from the root: every per-model query goes
+through :func:`routed`, the one place that resolves which atlas holds a model.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import shutil
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
-from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from storage.dictionaries import DictionariesMixin, jsonable
 from storage.errors import AtlasError
-from storage.universality import UniversalityMixin
+from storage.layout import (
+    FAMILIES,
+    MANIFEST,
+    METHODS,
+    RUNS,
+    SCHEMA_VERSION,
+    STAT_NAMES,
+    UNIVERSALITY,
+    family_path,
+    pair_key,
+    steering_key,
+)
+from storage.records import Example, FeatureRecord, NeuronRecord, SteeringRecord, mark_token
 
-SCHEMA_VERSION = 1
-STAT_NAMES = ("count", "mean", "var", "skew", "kurt", "min", "max", "frac_active", "hist",
-              "dead", "massive")  # fmt: skip
-_STAT_DTYPES = {"count": "int64", "hist": "int64", "dead": "bool", "massive": "bool",
-                "min": "float32", "max": "float32"}  # fmt: skip
-
-
-_FAST = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
-
-
-def _utf8(b: bytes) -> str:
-    return b.decode("utf-8", errors="replace")
-
-
-def mark_token(left: bytes, tok: bytes, right: bytes) -> str:
-    """``left[[tok]]right`` as text; a token that is part of a multi-byte character (byte-level
-    BPE splits accents and non-Latin scripts) is widened to the whole character."""
-    full = left + tok + right
-    a, b = len(left), len(left) + len(tok)
-    while 0 < a < len(full) and full[a] & 0xC0 == 0x80:  # continuation byte: step back
-        a -= 1
-    while b < len(full) and full[b] & 0xC0 == 0x80:
-        b += 1
-    return f"{_utf8(full[:a])}[[{_utf8(full[a:b])}]]{_utf8(full[b:])}"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+def routed(method: F) -> F:
+    """Run a per-model method (``self, model, ...``) on the atlas that holds ``model``."""
+
+    @functools.wraps(method)
+    def wrapper(self: Atlas, model: str, *args: Any, **kwargs: Any) -> Any:
+        return method(self.owner(model), model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
-def _require_group(parent: zarr.Group, name: str) -> zarr.Group:
-    """``require_group`` that tolerates another worker creating the group at the same moment
-    (Zarr's check-then-create is not atomic across processes)."""
-    for _ in range(5):
-        try:
-            return parent.require_group(name)
-        except (ContainsGroupError, ContainsArrayError, FileExistsError):
-            time.sleep(0.01)
-    return parent[name]
+class Atlas:
+    """Read access to one atlas. ``Atlas.open(path)`` is the query entry point."""
 
-
-def _fill(dtype: str) -> Any:
-    return {"bool": False}.get(dtype, -1 if dtype.startswith("int") else float("nan"))
-
-
-@dataclass
-class Example:
-    """One max-activating token with its context, decoded from the stored vocabulary."""
-
-    rank: int
-    value: float
-    position: int
-    sequence: int
-    token_index: int
-    token: str
-    text: str  # context with the activating token marked as [[token]]
-    source: str
-
-
-@dataclass
-class NeuronRecord:
-    """A neuron's statistics and top examples, as ``neuronmap neuron`` shows it."""
-
-    model: str
-    layer: int
-    index: int
-    stats: dict[str, Any]
-    examples: list[Example] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class Atlas(UniversalityMixin, DictionariesMixin):
-    """Read and write access to one atlas. ``Atlas.open(path)`` is the query entry point."""
+    MODE = "r"
 
     def __init__(self, root: zarr.Group, path: str):
         self.root = root
         self.path = path
         self._vocab: tuple[np.ndarray, np.ndarray] | None = None
 
-    # ------------------------------------------------------------------ open / create
+    # ------------------------------------------------------------------ open
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> Atlas:
-        """Open an existing atlas (``mode="r"`` for queries, ``"r+"`` for writers)."""
+    def open(cls, path: str | Path) -> Any:
+        """Open an existing atlas (the query API reads; :class:`storage.store.Store` writes)."""
         p = str(path)
         if "://" not in p and not (Path(p) / "zarr.json").is_file():
             raise AtlasError(f"no atlas at {p} (no zarr.json): run `neuronmap run` first")
         try:
-            root = zarr.open_group(p, mode=mode)
+            root = zarr.open_group(p, mode=cls.MODE)
         except Exception as e:  # zarr raises several types for unreadable stores
             raise AtlasError(f"cannot open atlas {p}: {e}") from e
         if root.attrs.get("schema_version") != SCHEMA_VERSION:
@@ -137,74 +73,15 @@ class Atlas(UniversalityMixin, DictionariesMixin):
             )
         return cls(root, p)
 
-    @classmethod
-    def create(cls, path: str | Path, attrs: Mapping[str, Any]) -> Atlas:
-        """Create an empty atlas; refuses to touch an existing directory."""
-        p = str(path)
-        if "://" not in p and Path(p).exists() and (not Path(p).is_dir() or any(Path(p).iterdir())):
-            raise AtlasError(f"{p} already exists; pick another --atlas or pass --overwrite")
-        root = zarr.open_group(p, mode="w")
-        root.attrs.update(
-            {"schema_version": SCHEMA_VERSION, "created": _now(), "updated": _now(), **attrs}
-        )
-        root.create_group("models")
-        return cls(root, p)
-
     @staticmethod
     def exists(path: str | Path) -> bool:
         return (Path(path) / "zarr.json").is_file()
-
-    @staticmethod
-    def remove(path: str | Path) -> None:
-        shutil.rmtree(path, ignore_errors=False)
 
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.root.attrs)
 
-    def touch(self, **attrs: Any) -> None:
-        self.root.attrs.update({"updated": _now(), **attrs})
-
     # ------------------------------------------------------------------ corpus
-
-    def write_corpus(
-        self,
-        tokens: np.ndarray,
-        doc_ids: np.ndarray,
-        sources: np.ndarray,
-        source_names: Sequence[str],
-        mask: np.ndarray,
-        vocab: Sequence[bytes],
-        shard_sequences: int,
-        sample_positions: np.ndarray,
-        attrs: Mapping[str, Any],
-    ) -> None:
-        """Write the tokenized corpus; one chunk per shard of ``shard_sequences`` rows."""
-        if "corpus" in self.root:
-            raise AtlasError(f"{self.path} already has a corpus")
-        g = self.root.create_group("corpus")
-        n, s = tokens.shape
-        rows = min(shard_sequences, n)
-        g.create_array("tokens", data=tokens.astype(np.int32), chunks=(rows, s))
-        g.create_array("mask", data=mask.astype(bool), chunks=(rows, s))
-        g.create_array("doc_ids", data=doc_ids.astype(np.int64), chunks=(rows,))
-        g.create_array("sources", data=sources.astype(np.int16), chunks=(rows,))
-        lens = np.fromiter((len(b) for b in vocab), dtype=np.int64, count=len(vocab))
-        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        blob = np.frombuffer(b"".join(vocab), dtype=np.uint8)
-        g.create_array("vocab_bytes", data=blob if blob.size else np.zeros(1, np.uint8))
-        g.create_array("vocab_offsets", data=offsets)
-        g.create_array("sample_positions", data=sample_positions.astype(np.int64))
-        g.attrs.update(
-            {
-                "source_names": list(source_names),
-                "shard_sequences": rows,
-                "n_sequences": n,
-                "seq_len": s,
-                "n_tokens": int(mask.sum()),
-                **attrs,
-            }
-        )
 
     @property
     def corpus(self) -> zarr.Group:
@@ -227,8 +104,6 @@ class Atlas(UniversalityMixin, DictionariesMixin):
         n = self.corpus["sample_positions"].shape[0]
         return n // max(len(self.shard_ranges()), 1)
 
-    # ------------------------------------------------------------------ decoding
-
     def _vocab_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._vocab is None:
             self._vocab = (self.corpus["vocab_bytes"][:], self.corpus["vocab_offsets"][:])
@@ -242,39 +117,45 @@ class Atlas(UniversalityMixin, DictionariesMixin):
         """Text of token ids, reconstructed from stored bytes (no tokenizer needed)."""
         return self.token_bytes(ids).decode("utf-8", errors="replace")
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ manifest and runs
+
+    def done(self, stage: str) -> dict[str, Any]:
+        """Manifest entry of a stage: {"fingerprint", "shards": [...], "complete": bool}."""
+        if MANIFEST not in self.root:
+            return {}
+        return dict(self.root[MANIFEST].attrs.get(stage, {}))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every recorded run, latest last: ``{"run", "started", "finished", "stages": [...]}``,
+        each stage with its tokens, forwards, seconds, tokens/s and workers."""
+        if RUNS not in self.root:
+            return []
+        return list(self.root[RUNS].attrs.get("runs", []))
+
+    # ------------------------------------------------------------------ models and families
 
     @property
     def models(self) -> list[str]:
         """Models mapped over this atlas's own corpus (see :attr:`all_models` for families)."""
         return sorted(self.root["models"].group_keys())
 
-    # A family (e.g. seeds trained with their own tokenizer) has its own corpus, so it is a
-    # complete atlas of its own, nested at families/<name>; queries find its models by name.
-
     @property
     def families(self) -> list[str]:
-        if "families" not in self.root:
+        if FAMILIES not in self.root:
             return []
-        return sorted(self.root["families"].group_keys())
+        return sorted(self.root[FAMILIES].group_keys())
 
-    def family(self, name: str) -> Atlas:
+    def family(self, name: str) -> Any:
+        """The nested atlas of a family, opened like this one (a store opens a store)."""
         if name not in self.families:
             raise AtlasError(f"family {name!r} is not in {self.path}; it has {self.families}")
-        return Atlas.open(self.family_path(self.path, name))
-
-    @staticmethod
-    def family_path(path: str | Path, name: str) -> str:
-        return f"{str(path).rstrip('/')}/families/{name}"
-
-    def ensure_families_group(self) -> None:
-        self.root.require_group("families")
+        return type(self).open(family_path(self.path, name))
 
     @property
     def all_models(self) -> list[str]:
         return self.models + [m for f in self.families for m in self.family(f).models]
 
-    def owner(self, model: str) -> Atlas:
+    def owner(self, model: str) -> Any:
         """The atlas (this one or a family) that holds ``model``."""
         if model in self.root["models"]:
             return self
@@ -284,191 +165,52 @@ class Atlas(UniversalityMixin, DictionariesMixin):
                 return fam
         raise AtlasError(f"model {model!r} is not in {self.path}; it has {self.all_models}")
 
+    def _holders(self) -> list[Atlas]:
+        return [self] + [self.family(f) for f in self.families]
+
+    @routed
     def model_group(self, model: str) -> zarr.Group:
-        if model not in self.root["models"]:
-            return self.owner(model).root["models"][model]
         return self.root["models"][model]
 
+    @routed
     def model_attrs(self, model: str) -> dict[str, Any]:
-        return dict(self.model_group(model).attrs)
+        return dict(self.root["models"][model].attrs)
 
+    @routed
     def layers(self, model: str) -> list[int]:
-        return sorted(int(k) for k in self.model_group(model)["layers"].group_keys())
+        return sorted(int(k) for k in self.root["models"][model]["layers"].group_keys())
 
-    def init_model(
-        self,
-        model: str,
-        attrs: Mapping[str, Any],
-        layers: Sequence[int],
-        d_mlp: int,
-        k: int,
-        hist_edges: np.ndarray,
-        sample_layers: Sequence[int],
-    ) -> None:
-        """Pre-size every array of a model so that writers never resize anything."""
-        g = self.root["models"].require_group(model)
-        g.attrs.update({**attrs, "layers": list(layers)})
-        lg = g.require_group("layers")
-        bins = len(hist_edges) - 1
-        per_shard = self.sample_rows_per_shard()
-        n_sample = self.corpus["sample_positions"].shape[0]
-        for layer in layers:
-            L = lg.require_group(str(layer))
-            st = L.require_group("stats")
-            for name in STAT_NAMES:
-                dtype = _STAT_DTYPES.get(name, "float64")
-                shape = (d_mlp, bins) if name == "hist" else (d_mlp,)
-                st.require_array(name, shape=shape, dtype=dtype, fill_value=_fill(dtype))
-            if "hist_edges" not in st:
-                st.create_array("hist_edges", data=hist_edges.astype(np.float32))
-            tk = L.require_group("topk")
-            tk.require_array("values", shape=(d_mlp, k), dtype="float32", fill_value=np.nan)
-            tk.require_array("positions", shape=(d_mlp, k), dtype="int64", fill_value=-1)
-            if layer in sample_layers and n_sample:
-                L.require_array(
-                    "sample", shape=(n_sample, d_mlp), chunks=(per_shard, d_mlp),
-                    dtype="float16", fill_value=0.0, compressors=None,
-                )  # fmt: skip
+    @routed
+    def layer_group(self, model: str, layer: int) -> zarr.Group:
+        lg = self.root["models"][model]["layers"]
+        if str(layer) not in lg:
+            raise AtlasError(
+                f"layer {layer} of model {model!r} is not in {self.path}; "
+                f"recorded layers: {self.layers(model)}"
+            )
+        return lg[str(layer)]
 
-    def write_layer_stats(
-        self, model: str, layer: int, stats: Mapping[str, np.ndarray],
-        top_values: np.ndarray, top_positions: np.ndarray,
-    ) -> None:  # fmt: skip
-        L = self.model_group(model)["layers"][str(layer)]
-        for name in STAT_NAMES:
-            L["stats"][name][...] = stats[name]
-        L["topk"]["values"][...] = top_values
-        L["topk"]["positions"][...] = top_positions
+    # ------------------------------------------------------------------ neurons
 
-    def write_props(self, model: str, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Weight-derived neuron properties and labels (models/<m>/layers/<L>/props/...)."""
-        g = self.model_group(model)["layers"][str(layer)].require_group("props")
-        for k, v in arrays.items():
-            g.create_array(k, data=np.asarray(v), overwrite=True)
+    @routed
+    def stats(self, model: str, layer: int) -> dict[str, np.ndarray]:
+        """All per-neuron statistics of one layer (small arrays, read whole)."""
+        st = self.layer_group(model, layer)["stats"]
+        return {k: st[k][...] for k in st.array_keys()}
 
+    @routed
     def props(self, model: str, layer: int) -> dict[str, np.ndarray]:
-        L = self.model_group(model)["layers"][str(layer)]
+        L = self.layer_group(model, layer)
         if "props" not in L:
             return {}
         return {k: L["props"][k][...] for k in L["props"].array_keys()}
 
-    def write_sample(self, model: str, layer: int, shard: int, rows: np.ndarray) -> None:
-        """One shard's rows of a layer's sample: exactly one chunk, written by one worker."""
-        per = self.sample_rows_per_shard()
-        arr = self.model_group(model)["layers"][str(layer)]["sample"]
-        if rows.shape != (per, arr.shape[1]):  # zarr would silently broadcast or truncate
-            raise AtlasError(
-                f"sample rows of shard {shard} for {model!r} L{layer} have shape {rows.shape}, "
-                f"expected {(per, arr.shape[1])}"
-            )
-        arr[shard * per : (shard + 1) * per] = rows.astype(np.float16)
-
-    # ------------------------------------------------------------------ partials
-
-    def _work(self) -> zarr.Group:
-        return _require_group(self.root, "_work")
-
-    def write_partial(self, model: str, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Persist one shard's mergeable partial (stacked over layers); overwrites a stale one."""
-        g = _require_group(self._work(), model)
-        name = f"shard_{shard:06d}"
-        if name in g:
-            del g[name]
-        sg = g.create_group(name)
-        for key, a in arrays.items():
-            a = np.asarray(a)
-            # written once, read once by the merge: favour speed over ratio
-            sg.create_array(key, data=a if a.ndim else a.reshape(1), compressors=_FAST)
-
-    def read_partial(self, model: str, shard: int) -> dict[str, np.ndarray]:
-        try:
-            sg = self.root["_work"][model][f"shard_{shard:06d}"]
-        except KeyError:
-            raise AtlasError(
-                f"partial of shard {shard} of model {model!r} is missing in {self.path}"
-            ) from None
-        return {k: sg[k][...] for k in sg.array_keys()}
-
-    def drop_partials(self, model: str) -> None:
-        if "_work" in self.root and model in self.root["_work"]:
-            del self.root["_work"][model]
-
-    # ------------------------------------------------------------------ manifest
-
-    def _manifest(self) -> zarr.Group:
-        return self.root.require_group("_manifest")
-
-    def done(self, stage: str) -> dict[str, Any]:
-        """Manifest entry of a stage: {"fingerprint", "shards": [...], "complete": bool}."""
-        if "_manifest" not in self.root:
-            return {}
-        return dict(self.root["_manifest"].attrs.get(stage, {}))
-
-    def mark(self, stage: str, fingerprint: str, shards: Iterable[int] = (),
-             complete: bool = False) -> None:  # fmt: skip
-        """Record finished shards of a stage. Only the driver writes the manifest."""
-        m = self._manifest()
-        cur = dict(m.attrs.get(stage, {}))
-        if cur.get("fingerprint") != fingerprint:
-            cur = {"fingerprint": fingerprint, "shards": [], "complete": False}
-        cur["shards"] = sorted(set(cur["shards"]) | {int(s) for s in shards})
-        cur["complete"] = bool(complete or cur.get("complete"))
-        m.attrs[stage] = cur
-        self.touch()
-
-    # ------------------------------------------------------------------ run accounting
-
-    MAX_RUNS = 50
-
-    def record_stage(self, run: str, entry: Mapping[str, Any]) -> None:
-        """Append one stage's accounting (tokens, forwards, seconds, workers) to run ``run``;
-        the run is created on its first stage. Only the driver writes it, into a group of its
-        own: the root's attrs are cached per open atlas, and a stale copy written back by
-        another writer (``touch``) would drop entries."""
-        g = _require_group(self.root, "_runs")
-        runs = list(g.attrs.get("runs", []))
-        cur = next((r for r in runs if r.get("run") == run), None)
-        if cur is None:
-            cur = {"run": run, "started": _now(), "stages": []}
-            runs.append(cur)
-        cur["stages"].append(jsonable(dict(entry)))
-        cur["finished"] = _now()
-        g.attrs["runs"] = runs[-self.MAX_RUNS :]
-
-    def runs(self) -> list[dict[str, Any]]:
-        """Every recorded run, latest last: ``{"run", "started", "finished", "stages": [...]}``."""
-        if "_runs" not in self.root:
-            return []
-        return list(self.root["_runs"].attrs.get("runs", []))
-
-    # ------------------------------------------------------------------ queries
-
-    def stats(self, model: str, layer: int) -> dict[str, np.ndarray]:
-        """All per-neuron statistics of one layer (small arrays, read whole)."""
-        if model not in self.root["models"]:
-            return self.owner(model).stats(model, layer)
-        lg = self.model_group(model)["layers"]
-        if str(layer) not in lg:
-            raise AtlasError(
-                f"layer {layer} of model {model!r} is not in {self.path}; "
-                f"recorded layers: {self.layers(model)}"
-            )
-        st = lg[str(layer)]["stats"]
-        return {k: st[k][...] for k in st.array_keys()}
-
+    @routed
     def neuron(self, model: str, layer: int, index: int, k: int | None = None,
                context: int = 12) -> NeuronRecord:  # fmt: skip
         """Statistics and top-``k`` examples of one neuron, decoded with the atlas vocabulary."""
-        if model not in self.root["models"]:  # a family's model: its own corpus decodes it
-            return self.owner(model).neuron(model, layer, index, k, context)
         self._require_complete(model)
-        lg = self.model_group(model)["layers"]
-        if str(layer) not in lg:
-            raise AtlasError(
-                f"layer {layer} of model {model!r} is not in {self.path}; "
-                f"recorded layers: {self.layers(model)}"
-            )
-        L = lg[str(layer)]
+        L = self.layer_group(model, layer)
         d = L["stats"]["mean"].shape[0]
         if not 0 <= index < d:
             raise AtlasError(f"neuron index {index} out of range: layer {layer} has {d} neurons")
@@ -492,12 +234,11 @@ class Atlas(UniversalityMixin, DictionariesMixin):
         positions = L["topk"]["positions"][index]
         if k is not None:
             values, positions = values[:k], positions[:k]
-        examples = [
-            self._example(r, float(v), int(p), context)
-            for r, (v, p) in enumerate(zip(values, positions, strict=True))
-            if p >= 0
-        ]
-        return NeuronRecord(model, layer, index, stats, examples)
+        return NeuronRecord(model, layer, index, stats, self._examples(values, positions, context))
+
+    def _examples(self, values: np.ndarray, positions: np.ndarray, context: int) -> list[Example]:
+        return [self._example(r, float(v), int(p), context)
+                for r, (v, p) in enumerate(zip(values, positions, strict=True)) if p >= 0]  # fmt: skip
 
     def _example(self, rank: int, value: float, position: int, context: int) -> Example:
         c = self.corpus
@@ -516,7 +257,7 @@ class Atlas(UniversalityMixin, DictionariesMixin):
         names = c.attrs["source_names"]
         src = names[int(c["sources"][seq])] if names else ""
         text = mark_token(left, tok, right)
-        return Example(rank, value, position, seq, t, _utf8(tok), text, src)
+        return Example(rank, value, position, seq, t, tok.decode("utf-8", "replace"), text, src)
 
     def _require_complete(self, model: str) -> None:
         if not self.model_attrs(model).get("complete"):
@@ -524,6 +265,190 @@ class Atlas(UniversalityMixin, DictionariesMixin):
                 f"model {model!r} in {self.path} is not complete yet; "
                 "finish it with `neuronmap run --resume`"
             )
+
+    # ------------------------------------------------------------------ dictionaries
+
+    @routed
+    def dictionaries(self, model: str, layer: int) -> dict[str, list[str]]:
+        lg = self.layer_group(model, layer)
+        return {m: sorted(lg[m].group_keys()) for m in METHODS if m in lg}
+
+    @routed
+    def dictionary(self, model: str, layer: int, method: str, run: str | None = None):
+        """The run's Zarr group (the only run of that method when ``run`` is None)."""
+        runs = self.dictionaries(model, layer).get(method, [])
+        if not runs:
+            raise AtlasError(f"no {method} runs for {model!r} layer {layer} in {self.path}")
+        if run is None:
+            if len(runs) > 1:
+                raise AtlasError(f"several {method} runs ({runs}); pick one with --run")
+            run = runs[0]
+        if run not in runs:
+            raise AtlasError(f"{method} run {run!r} not found; runs: {runs}")
+        return self.layer_group(model, layer)[method][run]
+
+    @staticmethod
+    def feature_directions(g: zarr.Group, method: str) -> np.ndarray:
+        """Feature directions in neuron space, [n_features, d_mlp]."""
+        return g["W_dec"][...] if method == "sae" else g["Z"][...].T
+
+    @routed
+    def dictionary_overview(self, model: str) -> dict[int, dict[str, Any]]:
+        """Per layer: every run's metrics (``"<method>/<run>"``) and the steering result count."""
+        out: dict[int, dict[str, Any]] = {}
+        for layer in self.layers(model):
+            g = self.layer_group(model, layer)
+            runs = {f"{m}/{r}": dict(g[m][r].attrs.get("metrics", {}))
+                    for m in METHODS if m in g for r in sorted(g[m].group_keys())}  # fmt: skip
+            n_steer = len(g["steering"].attrs.get("results", {})) if "steering" in g else 0
+            if runs or n_steer:
+                out[layer] = {"runs": runs, "steering": n_steer}
+        return out
+
+    @routed
+    def feature(self, model: str, layer: int, method: str, index: int, run: str | None = None,
+                k: int | None = 10, neurons: int = 8, context: int = 12) -> FeatureRecord:  # fmt: skip
+        g = self.dictionary(model, layer, method, run)
+        n = g["stats"]["mean"].shape[0]
+        if not 0 <= index < n:
+            raise AtlasError(f"feature index {index} out of range: the run has {n} features")
+        stats = {name: np.asarray(g["stats"][name][index]).item()
+                 for name in g["stats"].array_keys() if name not in ("hist", "hist_edges")}  # fmt: skip
+        direction = self.feature_directions(g, method)[index]
+        order = np.argsort(-np.abs(direction), kind="stable")[:neurons]
+        strongest = [(int(i), float(direction[i])) for i in order if direction[i] != 0]
+        vals, pos = g["topk"]["values"][index], g["topk"]["positions"][index]
+        if k is not None:
+            vals, pos = vals[:k], pos[:k]
+        promoted = [self.decode([int(t)]) for t in g["promoted"][index]] if "promoted" in g else []
+        suppressed = (
+            [self.decode([int(t)]) for t in g["suppressed"][index]] if "suppressed" in g else []
+        )
+        steering = self.steering(model, layer).get(steering_key(method, g.basename, index))
+        return FeatureRecord(model, layer, method, g.basename, index, stats,
+                             self._examples(vals, pos, context), strongest, promoted, suppressed,
+                             steering)  # fmt: skip
+
+    @routed
+    def steering(self, model: str, layer: int) -> dict[str, SteeringRecord]:
+        """Every stored steering result of a layer, by key (empty when none)."""
+        lg = self.layer_group(model, layer)
+        if "steering" not in lg:
+            return {}
+        out = {}
+        for key, r in lg["steering"].attrs.get("results", {}).items():
+            out[key] = SteeringRecord(
+                key, r["alpha"], r["alpha_rel"], r["kl"], r["target_kl"], r["converged"],
+                [(self.decode([int(t)]), float(v)) for t, v in r["promoted"]],
+                [(self.decode([int(t)]), float(v)) for t, v in r["suppressed"]],
+                [(float(a), float(k)) for a, k in r["evaluations"]],
+            )  # fmt: skip
+        return out
+
+    @routed
+    def steering_direction(self, model: str, layer: int, key: str) -> np.ndarray:
+        """A stored baseline direction (``contrast_key(a, b)``)."""
+        lg = self.layer_group(model, layer)
+        name = key.replace("/", "__")
+        if "steering" not in lg or name not in lg["steering"]:
+            raise AtlasError(f"no stored direction {key!r} for {model!r} layer {layer}")
+        return lg["steering"][name][...]
+
+    # ------------------------------------------------------------------ universality
+
+    def _uni(self) -> zarr.Group | None:
+        return self.root.get(UNIVERSALITY)
+
+    def universality_pairs(self) -> list[tuple[str, str]]:
+        out = []
+        for at in self._holders():
+            u = at._uni()
+            if u is not None:
+                out += [tuple(k.split("--", 1)) for k in u.group_keys() if "--" in k]
+        return sorted(out)
+
+    def _pair_group(self, a: str, b: str) -> zarr.Group | None:
+        for at in self._holders():
+            u = at._uni()
+            if u is not None and pair_key(a, b) in u:
+                return u[pair_key(a, b)]
+        return None
+
+    def pair(self, a: str, b: str) -> dict[str, np.ndarray]:
+        """Best partner in ``b`` of every neuron of ``a`` (arrays [n_layers_a, d_mlp_a])."""
+        g = self._pair_group(a, b)
+        if g is None:
+            raise AtlasError(f"no universality results for {a!r} vs {b!r} in {self.path}; "
+                             f"pairs: {self.universality_pairs()}")  # fmt: skip
+        return {k: g[k][...] for k in g.array_keys()} | {"attrs": dict(g.attrs)}
+
+    def matching(self, a: str, b: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """One-to-one neuron matching of layer ``layer`` of ``a`` onto ``b``: (perm, corr)."""
+        g = self._pair_group(a, b)
+        if g is None or "matching" not in g:
+            raise AtlasError(f"no matching for {a!r} vs {b!r} in {self.path}")
+        return g["matching"]["perm"][layer], g["matching"]["corr"][layer]
+
+    def universality_summary(self, model: str) -> dict[int, dict[str, np.ndarray]]:
+        """Per layer: mean/max/min best-partner correlation, baseline, excess, universal."""
+        for at in self._holders():
+            u = at._uni()
+            if u is not None and "summary" in u and model in u["summary"]:
+                g = u["summary"][model]
+                return {int(L): {k: g[L][k][...] for k in g[L].array_keys()}
+                        for L in sorted(g.group_keys(), key=int)}  # fmt: skip
+        raise AtlasError(f"no universality summary for model {model!r} in {self.path}")
+
+    def summarised_models(self) -> list[str]:
+        out = []
+        for at in self._holders():
+            u = at._uni()
+            if u is not None and "summary" in u:
+                out += sorted(u["summary"].group_keys())
+        return out
+
+    def universal_neurons(self, model: str | None = None, top: int = 20,
+                          examples: int = 3) -> list[dict[str, Any]]:  # fmt: skip
+        """Universal neurons by excess correlation, with their partners and top examples."""
+        models = [model] if model else self.summarised_models()
+        rows = []
+        for m in models:
+            for layer, s in self.universality_summary(m).items():
+                for i in np.flatnonzero(s["universal"]):
+                    rows.append({"model": m, "layer": layer, "index": int(i),
+                                 "excess_corr": float(s["excess_corr"][i]),
+                                 "mean_max_corr": float(s["mean_max_corr"][i]),
+                                 "baseline": float(s["baseline"][i])})  # fmt: skip
+        rows.sort(key=lambda r: (-r["excess_corr"], r["model"], r["layer"], r["index"]))
+        rows = rows[:top]
+        pairs = self.universality_pairs()
+        for r in rows:
+            r["partners"] = []
+            for a, b in pairs:
+                if a == r["model"]:
+                    p = self.pair(a, b)
+                    L, i = r["layer"], r["index"]
+                    r["partners"].append({"model": b, "layer": int(p["partner_layer"][L, i]),
+                                          "index": int(p["partner_index"][L, i]),
+                                          "corr": float(p["max_corr"][L, i])})  # fmt: skip
+            rec = self.neuron(r["model"], r["layer"], r["index"], k=examples)
+            r["examples"] = [e.text for e in rec.examples]
+        return rows
+
+    def universality_overview(self) -> dict[str, Any]:
+        """Universal fraction per model and layer, with mean excess and baseline."""
+        out: dict[str, Any] = {}
+        for m in self.summarised_models():
+            per = {}
+            for layer, s in self.universality_summary(m).items():
+                per[layer] = {"universal_frac": float(s["universal"].mean()),
+                              "mean_max_corr": float(s["mean_max_corr"].mean()),
+                              "baseline": float(s["baseline"].mean()),
+                              "dead_frac": float(s["dead"].mean())}  # fmt: skip
+            out[m] = per
+        return out
+
+    # ------------------------------------------------------------------ summary
 
     def info(self) -> dict[str, Any]:
         """Summary of the atlas for ``neuronmap info``."""
@@ -552,32 +477,21 @@ class Atlas(UniversalityMixin, DictionariesMixin):
             layers = {}
             if ma.get("complete"):
                 for layer in self.layers(m):
-                    st = self.model_group(m)["layers"][str(layer)]["stats"]
-                    dead = st["dead"][...]
+                    st = self.layer_group(m, layer)["stats"]
                     layers[layer] = {
-                        "dead_frac": float(dead.mean()),
+                        "dead_frac": float(st["dead"][...].mean()),
                         "massive": int(st["massive"][...].sum()),
                         "mean_frac_active": float(np.nanmean(st["frac_active"][...])),
                     }
-            out["models"][m] = {
-                k: ma.get(k)
-                for k in (
-                    "source",
-                    "architecture",
-                    "n_layers",
-                    "d_mlp",
-                    "hook_site",
-                    "dtype",
-                    "complete",
-                    "tokens_per_second",
-                )  # fmt: skip
-            } | {"layers": layers}
+            keys = ("source", "architecture", "n_layers", "d_mlp", "hook_site", "dtype",
+                    "complete", "tokens_per_second")  # fmt: skip
+            out["models"][m] = {k: ma.get(k) for k in keys} | {"layers": layers}
             dicts = self.dictionary_overview(m)
             if dicts:
                 out["models"][m]["dictionaries"] = dicts
         if self.families:
             out["families"] = {f: self.family(f).info() for f in self.families}
-        if "universality" in self.root:
+        if UNIVERSALITY in self.root:
             out["universality"] = self.universality_overview()
         out["runs"] = self.runs()
         return out

@@ -17,7 +17,7 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
 from storage.atlas import Atlas, AtlasError
-from storage.dictionaries import jsonable
+from storage.records import jsonable
 
 PAGE = Path(__file__).with_name("index.html")
 

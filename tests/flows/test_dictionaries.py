@@ -116,7 +116,7 @@ def test_dictionaries_need_a_sample(tiny_model_dir: Path) -> None:
 
 
 def test_steering_results_are_stored(dict_atlas) -> None:
-    from storage.dictionaries import contrast_key
+    from storage.layout import contrast_key
 
     path, job, out = dict_atlas
     atlas = Atlas.open(path)

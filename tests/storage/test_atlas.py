@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from ops.stats import hist_spec
-from storage.atlas import STAT_NAMES, Atlas, AtlasError
+from storage.atlas import Atlas
+from storage.errors import AtlasError
+from storage.layout import STAT_NAMES
+from storage.store import Store
 
 # ---------------------------------------------------------------------------- toy atlas
 
@@ -92,7 +95,7 @@ MODEL_ATTRS = {
 
 def build_atlas(path: str | Path) -> Atlas:
     """A complete 2-layer model ``toy`` and an initialised but incomplete model ``half``."""
-    atlas = Atlas.create(path, {"tokenizer": "toy-tok", "code_version": "test"})
+    atlas = Store.create(path, {"tokenizer": "toy-tok", "code_version": "test"})
     atlas.write_corpus(
         tokens=TOKENS,
         doc_ids=DOC_IDS,
@@ -169,7 +172,7 @@ def test_create_refuses_non_empty_dir(tmp_path: Path) -> None:
     d.mkdir()
     (d / "keep.txt").write_text("precious")
     with pytest.raises(AtlasError, match="already exists") as ei:
-        Atlas.create(d, {})
+        Store.create(d, {})
     assert str(d) in str(ei.value)
     assert sorted(p.name for p in d.iterdir()) == ["keep.txt"]
     assert (d / "keep.txt").read_text() == "precious"
@@ -179,14 +182,14 @@ def test_create_refuses_existing_file(tmp_path: Path) -> None:
     f = tmp_path / "file.zarr"
     f.write_text("x")
     with pytest.raises(AtlasError, match="already exists"):
-        Atlas.create(f, {})
+        Store.create(f, {})
     assert f.read_text() == "x"
 
 
 def test_create_accepts_empty_existing_dir(tmp_path: Path) -> None:
     d = tmp_path / "empty"
     d.mkdir()
-    Atlas.create(d, {"tokenizer": "t"})
+    Store.create(d, {"tokenizer": "t"})
     a = Atlas.open(d)
     assert a.attrs["tokenizer"] == "t"
     assert a.models == []
@@ -233,7 +236,7 @@ def test_corpus_attrs(ro: Atlas) -> None:
 
 
 def test_shard_sequences_larger_than_corpus(tmp_path: Path) -> None:
-    a = Atlas.create(tmp_path / "one.zarr", {})
+    a = Store.create(tmp_path / "one.zarr", {})
     a.write_corpus(TOKENS, DOC_IDS, SOURCES, SOURCE_NAMES, MASK, VOCAB, 100,
                    SAMPLE_POSITIONS, {})  # fmt: skip
     assert a.shard_ranges() == [(0, 6)]
@@ -410,7 +413,7 @@ def test_info(ro: Atlas, built: str) -> None:
 
 
 def test_info_without_corpus(tmp_path: Path) -> None:
-    Atlas.create(tmp_path / "bare.zarr", {})
+    Store.create(tmp_path / "bare.zarr", {})
     info = Atlas.open(tmp_path / "bare.zarr").info()
     assert "corpus" not in info
     assert info["models"] == {}
@@ -473,11 +476,11 @@ def test_mark_updates_timestamp_attr(rw: Atlas) -> None:
 
 
 def test_partials_round_trip_overwrite_and_drop(rw: Atlas) -> None:
-    with pytest.raises(AtlasError, match=f"shard 0 of model '{MODEL}'"):
+    with pytest.raises(AtlasError, match=f"shard 0 of '{MODEL}' is missing"):
         rw.read_partial(MODEL, 0)
     s = np.arange(12, dtype=np.float64).reshape(2, 2, 3)
     rw.write_partial(MODEL, 0, {"sum": s, "n": np.int64(7)})
-    got = Atlas.open(rw.path).read_partial(MODEL, 0)
+    got = Store.open(rw.path).read_partial(MODEL, 0)
     assert set(got) == {"sum", "n"}
     np.testing.assert_array_equal(got["sum"], s)
     assert got["sum"].dtype == np.float64
@@ -507,7 +510,7 @@ def test_touch_updates_attrs(rw: Atlas) -> None:
 
 
 def test_mark_token_widens_partial_utf8_characters() -> None:
-    from storage.atlas import mark_token
+    from storage.records import mark_token
 
     assert mark_token(b" caf", b"\xc3", b"\xa9 au lait") == " caf[[é]] au lait"
     assert mark_token(b" caf\xc3", b"\xa9", b" x") == " caf[[é]] x"
@@ -518,7 +521,7 @@ def test_mark_token_widens_partial_utf8_characters() -> None:
 
 def _write_partial(args: tuple[str, int]) -> int:
     path, shard = args
-    Atlas.open(path, mode="r+").write_partial(MODEL, shard, {"x": np.full(3, shard)})
+    Store.open(path).write_partial(MODEL, shard, {"x": np.full(3, shard)})
     return shard
 
 
@@ -555,7 +558,7 @@ def test_require_group_survives_losing_the_creation_race(tmp_path: Path) -> None
     import zarr
     from zarr.errors import ContainsGroupError
 
-    from storage.atlas import _require_group
+    from storage.store import _require_group
 
     root = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
 
@@ -574,3 +577,13 @@ def test_require_group_survives_losing_the_creation_race(tmp_path: Path) -> None
 
     g = _require_group(Racing(), "_work")  # type: ignore[arg-type]
     assert g.path == "_work" and Racing.calls == 2
+
+
+def test_query_atlas_is_read_only(built: str) -> None:
+    """The query API cannot write: no writer methods, and its Zarr root is opened read-only."""
+    ro = Atlas.open(built)
+    writers = {n for n in dir(Store) if n.startswith(("write_", "init_", "mark", "drop_", "record_"))}
+    assert writers and not any(hasattr(ro, n) for n in writers)
+    with pytest.raises(Exception):  # noqa: B017 - zarr's read-only error type varies by version
+        ro.root.attrs["x"] = 1
+    assert "x" not in Atlas.open(built).attrs

@@ -1,0 +1,293 @@
+"""The writing side of the atlas, used by ``flows``: create, pre-size, write, manifest,
+partials, run accounting. Queries are :class:`storage.atlas.Atlas`, which this extends.
+
+Writers follow the rules of DESIGN.md: arrays are created with their final shape, every
+corpus shard maps to whole chunks, one writer per chunk, and a region counts as written
+only once the manifest says so (Zarr reads unwritten chunks back as the fill value).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from storage.atlas import Atlas, routed
+from storage.errors import AtlasError
+from storage.layout import (
+    FAMILIES,
+    MANIFEST,
+    METHODS,
+    RUNS,
+    SCHEMA_VERSION,
+    STAT_DTYPES,
+    STAT_NAMES,
+    UNIVERSALITY,
+    WORK,
+    fill,
+    pair_key,
+    partial_name,
+    steering_key,
+)
+from storage.records import jsonable
+
+_FAST = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``require_group`` that tolerates another worker creating the group at the same moment
+    (Zarr's check-then-create is not atomic across processes)."""
+    for _ in range(5):
+        try:
+            return parent.require_group(name)
+        except (ContainsGroupError, ContainsArrayError, FileExistsError):
+            time.sleep(0.01)
+    return parent[name]
+
+
+class Store(Atlas):
+    """Read and write access to one atlas (``Store.open``/``Store.create``)."""
+
+    MODE = "r+"
+    MAX_RUNS = 50
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: Mapping[str, Any]) -> Store:
+        """Create an empty atlas; refuses to touch an existing directory."""
+        p = str(path)
+        if "://" not in p and Path(p).exists() and (not Path(p).is_dir() or any(Path(p).iterdir())):
+            raise AtlasError(f"{p} already exists; pick another --atlas or pass --overwrite")
+        root = zarr.open_group(p, mode="w")
+        root.attrs.update(
+            {"schema_version": SCHEMA_VERSION, "created": _now(), "updated": _now(), **attrs}
+        )
+        root.create_group("models")
+        return cls(root, p)
+
+    @staticmethod
+    def remove(path: str | Path) -> None:
+        shutil.rmtree(path, ignore_errors=False)
+
+    def touch(self, **attrs: Any) -> None:
+        self.root.attrs.update({"updated": _now(), **attrs})
+
+    def ensure_families_group(self) -> None:
+        self.root.require_group(FAMILIES)
+
+    # ------------------------------------------------------------------ corpus
+
+    def write_corpus(
+        self, tokens: np.ndarray, doc_ids: np.ndarray, sources: np.ndarray,
+        source_names: Sequence[str], mask: np.ndarray, vocab: Sequence[bytes],
+        shard_sequences: int, sample_positions: np.ndarray, attrs: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Write the tokenized corpus; one chunk per shard of ``shard_sequences`` rows."""
+        if "corpus" in self.root:
+            raise AtlasError(f"{self.path} already has a corpus")
+        g = self.root.create_group("corpus")
+        n, s = tokens.shape
+        rows = min(shard_sequences, n)
+        g.create_array("tokens", data=tokens.astype(np.int32), chunks=(rows, s))
+        g.create_array("mask", data=mask.astype(bool), chunks=(rows, s))
+        g.create_array("doc_ids", data=doc_ids.astype(np.int64), chunks=(rows,))
+        g.create_array("sources", data=sources.astype(np.int16), chunks=(rows,))
+        lens = np.fromiter((len(b) for b in vocab), dtype=np.int64, count=len(vocab))
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        blob = np.frombuffer(b"".join(vocab), dtype=np.uint8)
+        g.create_array("vocab_bytes", data=blob if blob.size else np.zeros(1, np.uint8))
+        g.create_array("vocab_offsets", data=offsets)
+        g.create_array("sample_positions", data=sample_positions.astype(np.int64))
+        g.attrs.update({"source_names": list(source_names), "shard_sequences": rows,
+                        "n_sequences": n, "seq_len": s, "n_tokens": int(mask.sum()), **attrs})  # fmt: skip
+
+    # ------------------------------------------------------------------ neurons
+
+    def init_model(self, model: str, attrs: Mapping[str, Any], layers: Sequence[int], d_mlp: int,
+                   k: int, hist_edges: np.ndarray, sample_layers: Sequence[int]) -> None:  # fmt: skip
+        """Pre-size every array of a model so that writers never resize anything."""
+        g = self.root["models"].require_group(model)
+        g.attrs.update({**attrs, "layers": list(layers)})
+        lg = g.require_group("layers")
+        bins = len(hist_edges) - 1
+        per_shard = self.sample_rows_per_shard()
+        n_sample = self.corpus["sample_positions"].shape[0]
+        for layer in layers:
+            L = lg.require_group(str(layer))
+            st = L.require_group("stats")
+            for name in STAT_NAMES:
+                dtype = STAT_DTYPES.get(name, "float64")
+                shape = (d_mlp, bins) if name == "hist" else (d_mlp,)
+                st.require_array(name, shape=shape, dtype=dtype, fill_value=fill(dtype))
+            if "hist_edges" not in st:
+                st.create_array("hist_edges", data=hist_edges.astype(np.float32))
+            tk = L.require_group("topk")
+            tk.require_array("values", shape=(d_mlp, k), dtype="float32", fill_value=np.nan)
+            tk.require_array("positions", shape=(d_mlp, k), dtype="int64", fill_value=-1)
+            if layer in sample_layers and n_sample:
+                L.require_array(
+                    "sample", shape=(n_sample, d_mlp), chunks=(per_shard, d_mlp),
+                    dtype="float16", fill_value=0.0, compressors=None,
+                )  # fmt: skip
+
+    @routed
+    def write_layer_stats(self, model: str, layer: int, stats: Mapping[str, np.ndarray],
+                          top_values: np.ndarray, top_positions: np.ndarray) -> None:  # fmt: skip
+        L = self.layer_group(model, layer)
+        for name in STAT_NAMES:
+            L["stats"][name][...] = stats[name]
+        L["topk"]["values"][...] = top_values
+        L["topk"]["positions"][...] = top_positions
+
+    @routed
+    def write_props(self, model: str, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Weight-derived neuron properties and labels (models/<m>/layers/<L>/props/...)."""
+        g = self.layer_group(model, layer).require_group("props")
+        for k, v in arrays.items():
+            g.create_array(k, data=np.asarray(v), overwrite=True)
+
+    @routed
+    def write_sample(self, model: str, layer: int, shard: int, rows: np.ndarray) -> None:
+        """One shard's rows of a layer's sample: exactly one chunk, written by one worker."""
+        per = self.sample_rows_per_shard()
+        arr = self.layer_group(model, layer)["sample"]
+        if rows.shape != (per, arr.shape[1]):  # zarr would silently broadcast or truncate
+            raise AtlasError(
+                f"sample rows of shard {shard} for {model!r} L{layer} have shape {rows.shape}, "
+                f"expected {(per, arr.shape[1])}"
+            )
+        arr[shard * per : (shard + 1) * per] = rows.astype(np.float16)
+
+    # ------------------------------------------------------------------ partials
+
+    def write_partial(self, key: str, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Persist one shard's mergeable partial under ``_work/<key>``; overwrites a stale one."""
+        g = _require_group(_require_group(self.root, WORK), key)
+        name = partial_name(shard)
+        if name in g:
+            del g[name]
+        sg = g.create_group(name)
+        for k, a in arrays.items():
+            a = np.asarray(a)
+            # written once, read once by the merge: favour speed over ratio
+            sg.create_array(k, data=a if a.ndim else a.reshape(1), compressors=_FAST)
+
+    def read_partial(self, key: str, shard: int) -> dict[str, np.ndarray]:
+        try:
+            sg = self.root[WORK][key][partial_name(shard)]
+        except KeyError:
+            raise AtlasError(
+                f"partial of shard {shard} of {key!r} is missing in {self.path}"
+            ) from None
+        return {k: sg[k][...] for k in sg.array_keys()}
+
+    def drop_partials(self, key: str) -> None:
+        if WORK in self.root and key in self.root[WORK]:
+            del self.root[WORK][key]
+
+    # ------------------------------------------------------------------ manifest and runs
+
+    def mark(self, stage: str, fingerprint: str, shards: Iterable[int] = (),
+             complete: bool = False) -> None:  # fmt: skip
+        """Record finished shards of a stage. Only the driver writes the manifest."""
+        m = self.root.require_group(MANIFEST)
+        cur = dict(m.attrs.get(stage, {}))
+        if cur.get("fingerprint") != fingerprint:
+            cur = {"fingerprint": fingerprint, "shards": [], "complete": False}
+        cur["shards"] = sorted(set(cur["shards"]) | {int(s) for s in shards})
+        cur["complete"] = bool(complete or cur.get("complete"))
+        m.attrs[stage] = cur
+        self.touch()
+
+    def record_stage(self, run: str, entry: Mapping[str, Any]) -> None:
+        """Append one stage's accounting (tokens, forwards, seconds, workers) to run ``run``;
+        the run is created on its first stage. Only the driver writes it, into a group of its
+        own: the root's attrs are cached per open atlas, and a stale copy written back by
+        another writer (``touch``) would drop entries."""
+        g = _require_group(self.root, RUNS)
+        runs = list(g.attrs.get("runs", []))
+        cur = next((r for r in runs if r.get("run") == run), None)
+        if cur is None:
+            cur = {"run": run, "started": _now(), "stages": []}
+            runs.append(cur)
+        cur["stages"].append(jsonable(dict(entry)))
+        cur["finished"] = _now()
+        g.attrs["runs"] = runs[-self.MAX_RUNS :]
+
+    # ------------------------------------------------------------------ dictionaries
+
+    @routed
+    def write_dictionary(
+        self, model: str, layer: int, method: str, run: str,
+        weights: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray],
+        top_values: np.ndarray, top_positions: np.ndarray, attrs: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Write one run whole, replacing an earlier run of the same name (and dropping the
+        steering results of its old features, which described other directions)."""
+        if method not in METHODS:
+            raise AtlasError(f"unknown dictionary method {method!r}; use one of {METHODS}")
+        lg = self.layer_group(model, layer)
+        mg = lg.require_group(method)
+        if run in mg:
+            del mg[run]
+        if "steering" in lg:
+            prefix = steering_key(method, run, 0)[:-1]
+            results = dict(lg["steering"].attrs.get("results", {}))
+            lg["steering"].attrs["results"] = {k: v for k, v in results.items()
+                                               if not k.startswith(prefix)}  # fmt: skip
+        g = mg.create_group(run)
+        for k, v in weights.items():
+            g.create_array(k, data=np.asarray(v))
+        st = g.create_group("stats")
+        for k, v in stats.items():
+            st.create_array(k, data=np.asarray(v))
+        tk = g.create_group("topk")
+        tk.create_array("values", data=np.asarray(top_values, np.float32))
+        tk.create_array("positions", data=np.asarray(top_positions, np.int64))
+        g.attrs.update(dict(attrs))
+
+    @routed
+    def write_steering(self, model: str, layer: int, results: Mapping[str, Mapping],
+                       directions: Mapping[str, np.ndarray] | None = None) -> None:  # fmt: skip
+        """Add or replace steering results (JSON-able, token ids) and baseline directions."""
+        g = self.layer_group(model, layer).require_group("steering")
+        for key, vec in (directions or {}).items():
+            name = key.replace("/", "__")
+            if name in g:
+                del g[name]
+            g.create_array(name, data=np.asarray(vec, np.float32))
+        stored = dict(g.attrs.get("results", {}))
+        stored.update({k: jsonable(dict(v)) for k, v in results.items()})
+        g.attrs["results"] = stored
+
+    # ------------------------------------------------------------------ universality
+
+    def write_pair(self, a: str, b: str, arrays: Mapping[str, np.ndarray],
+                   matching: Mapping[str, np.ndarray] | None, attrs: Mapping[str, Any]) -> None:  # fmt: skip
+        g = self.root.require_group(UNIVERSALITY).require_group(pair_key(a, b))
+        for k, v in arrays.items():
+            g.create_array(k, data=np.asarray(v), overwrite=True)
+        if matching:
+            m = g.require_group("matching")
+            for k, v in matching.items():
+                m.create_array(k, data=np.asarray(v), overwrite=True)
+        g.attrs.update(dict(attrs))
+
+    def write_summary(self, model: str, layer: int, arrays: Mapping[str, np.ndarray],
+                      attrs: Mapping[str, Any]) -> None:  # fmt: skip
+        g = self.root.require_group(UNIVERSALITY).require_group("summary").require_group(model)
+        lg = g.require_group(str(layer))
+        for k, v in arrays.items():
+            lg.create_array(k, data=np.asarray(v), overwrite=True)
+        g.attrs.update(dict(attrs))
