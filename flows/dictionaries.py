@@ -32,7 +32,7 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import DictionariesConfig, JobConfig, SAERunConfig, SNMFRunConfig
-from flows.engine import Ledger, Shard, Stage, ensure_ray, run_stage, stream_stage
+from flows.engine import Accounting, Ledger, Shard, Stage, ensure_ray, run_stage, stream_stage
 from flows.steering import contrast_direction, eval_batches, sample_by_shard, steer_directions
 from flows.tasks import TASK
 from ops import sae as sae_ops
@@ -356,6 +356,13 @@ def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[s
     spec = next(m for m in job.models if m.name == dcfg.model)
     lm = load_model(spec.source, dtype="float32", device="cpu", revision=spec.revision,
                     with_tokenizer=False)  # fmt: skip
+    cost = {"tokens": 0, "forward_passes": 0}  # for the run accounting
+
+    def count(_m: Any, _args: Any, kwargs: dict) -> None:
+        cost["forward_passes"] += 1
+        cost["tokens"] += int(kwargs["attention_mask"].sum())
+
+    lm.model.register_forward_pre_hook(count, with_kwargs=True)
     _, w_out = neuron_weights(lm.model, dcfg.layer)
     w_u = unembedding(lm.model)
     out: dict[str, dict] = {}
@@ -373,6 +380,7 @@ def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[s
         out.setdefault(key, {})["ce"] = sae_ops.ce_losses(lm, dcfg.layer, sae, batches)
     if dcfg.steering is not None:
         out["steering"] = steer_directions(lm, atlas, dcfg.layer, steer_dirs, dcfg.steering, bs)
+    out["cost"] = cost
     return out
 
 
@@ -430,8 +438,12 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
             method, run = key.split("/")
             for i in np.argsort(-st["mean"], kind="stable")[: steering.features]:
                 steer_dirs[steering_key(method, run, int(i))] = dirs[key][int(i)]
+    acct = Accounting("dictionaries/measures", corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
     measures = ray.get(_model_measures.remote(
         job, dcfg, dirs, {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
+    acct.add(measures.pop("cost"))
+    if ledger is not None:
+        ledger.record(acct.to_dict())
 
     sources = {run.name: run.source for run in dcfg.sae}
     for name, s in saes.items():

@@ -3,10 +3,11 @@
 1. ``prepare-corpus``: tokenize the corpus once into the atlas (``flows.prepare``)
 2. per model: ``prepare-model`` (pre-sized arrays), ``record`` (statistics + sample, one
    forward per batch, merged in shard order; ``flows.record``), ``properties`` (weights)
-3. with ``seeds``: ``train_seeds`` (``flows.seeds``), then steps 1-2 for the family in
-   ``families/<name>``
-4. ``universality``: co-moments of every neuron pair across the compared models, then
-   partners, rotation baseline and labels (``flows.universality``)
+3. with ``seeds``: ``train_seeds`` (``flows.seeds``), then the family in
+   ``families/<name>``: corpus, arrays and properties as in 1-2, and ``record-family``:
+   every member's statistics and the co-moments of every neuron pair across members from
+   the same forwards, then partners, rotation baseline and labels (``flows.universality``)
+4. or ``universality`` over job models: their co-moments in a pass of their own
 5. ``dictionaries``: SAEs and SNMF of one layer, their features over the corpus (one pass
    for all of them), CE loss recovered and steering (``flows.dictionaries``)
 
@@ -31,7 +32,7 @@ from flows.engine import Ledger
 from flows.prepare import prepare_corpus, prepare_model
 from flows.record import model_properties, record_model
 from flows.seeds import train_seeds
-from flows.universality import universality
+from flows.universality import record_family, universality
 from storage.atlas import Atlas
 from storage.layout import family_path
 from storage.store import Store
@@ -76,6 +77,23 @@ def _map_models(job: JobConfig, ledger: Ledger, resume: bool, overwrite: bool
     return corpus, rows
 
 
+def _map_family(job: JobConfig, cfg: UniversalityConfig, ledger: Ledger, resume: bool
+                ) -> tuple[list[dict], dict]:  # fmt: skip
+    """A family's corpus and arrays, weight properties, then one stage that records every
+    member and correlates them from the same forwards."""
+    prepare_corpus(job, resume=resume)
+    preps = [prepare_model(job, m) for m in job.models]
+    for m, prep in zip(job.models, preps, strict=True):
+        model_properties(job, m, prep)
+    out = record_family(job, cfg, preps, ledger)
+    tok_s = (out.get("accounting") or {}).get("tokens_per_s")
+    rows = [{"model": m.name, "tokens": out["models"].get(m.name, {}).get("tokens", 0),
+             "tok_s": tok_s, "dead_frac": out["models"].get(m.name, {}).get("dead_frac")}
+            for m in job.models]  # fmt: skip
+    uni = {k: v for k, v in out.items() if k not in ("models", "accounting")}
+    return rows, uni
+
+
 def family_job(job: JobConfig, models: list[dict]) -> JobConfig:
     """The sub-job mapping a trained family into its own atlas inside the job's atlas."""
     assert job.seeds is not None
@@ -105,9 +123,9 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
                           ray_address=job.resources.ray_address, ledger=ledger)  # fmt: skip
         fjob = family_job(job, fam["models"])
         Store.open(job.atlas).ensure_families_group()
-        rows += _map_models(fjob, ledger, resume, overwrite=False)[1]
         ucfg = job.universality or UniversalityConfig(family=job.seeds.name)
-        uni = universality(fjob, list(fjob.models), ucfg, ledger)
+        fam_rows, uni = _map_family(fjob, ucfg, ledger, resume)
+        rows += fam_rows
     elif job.universality is not None:
         assert job.universality.models is not None
         chosen = [m for m in job.models if m.name in job.universality.models]

@@ -52,7 +52,7 @@ def _record_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dict
     return out
 
 
-def _record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -> dict:
+def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -> dict:
     """Fold the shard partials in shard order (deterministic), write stats and top-k."""
     n_shards = len(atlas.shard_ranges())
     acc: StatsPartial | None = None
@@ -84,7 +84,7 @@ def record_stage(job: JobConfig, model: ModelConfig, prep: dict,
         build=partial(_record_consumers, prep["layers"], prep["sample_layers"], r.topk, spec,
                       feed_layer),
         persist=partial(_record_persist, model.name), batch_size=r.batch_size,
-        merge=partial(_record_merge, job, model, prep), work=[model.name],
+        merge=partial(record_merge, job, model, prep), work=[model.name],
         description=f"record {model.name}",
     )  # fmt: skip
 

@@ -1,6 +1,9 @@
 """The universality stage: every shard through every compared model in one pass, the
 co-moments of every layer pair (``ops.engine.CrossMoments``) persisted per shard, merged
 in shard order, then partners, rotation baseline and labels (``ops.universality``).
+
+A seed family is recorded and compared in the same pass (:func:`record_family`): its
+models' neuron statistics and their co-moments come from one forward per model and batch.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from functools import partial
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
-from flows.config import JobConfig, ModelConfig, UniversalityConfig
+from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
 from flows.engine import Ledger, Shard, Stage, run_stage
+from flows.record import record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments
-from ops.engine import Consumer, CrossMoments
+from ops.engine import Consumer, CrossMoments, NeuronStats
+from ops.stats import HistSpec, hist_spec, stack_partials
 from ops.universality import compare_groups, compute_universality, fold, overview, pairs
 from storage.atlas import Atlas
 from storage.store import Store
@@ -75,6 +80,55 @@ def _merge(models: list[ModelConfig], cfg: UniversalityConfig, atlas: Store) -> 
               "comparison": compare_groups(summary, features)}  # fmt: skip
     atlas.touch(universality=result)
     return result
+
+
+def _family_consumers(k: int, spec: HistSpec, shard: Shard) -> list[Consumer]:
+    """Every layer's statistics of every model, and all their co-moments."""
+    stats: list[Consumer] = [NeuronStats((m, L), lm.d_mlp, k, spec, shard.device)
+                             for m, lm in enumerate(shard.models) for L in range(lm.n_layers)]  # fmt: skip
+    return stats + _consumers(shard)
+
+
+def _family_persist(names: list[str], shard: Shard, consumers: list[Consumer]) -> dict:
+    for m, name in enumerate(names):
+        parts = [c.state() for c in consumers if isinstance(c, NeuronStats) and c.sites[0][0] == m]
+        shard.atlas.write_partial(name, shard.index, stack_partials(parts))
+    return _persist(shard, [c for c in consumers if isinstance(c, CrossMoments)])
+
+
+def _family_merge(job: JobConfig, models: list[ModelConfig], preps: list[dict],
+                  cfg: UniversalityConfig, atlas: Store) -> dict:  # fmt: skip
+    rows = {m.name: record_merge(job, m, prep, atlas) for m, prep in zip(models, preps, strict=True)}
+    return {"models": rows, **_merge(models, cfg, atlas)}
+
+
+@task(name="record-family", **TASK)
+def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
+                  ledger: Ledger | None = None) -> dict:  # fmt: skip
+    """Record every model of a family (``job``) and correlate their neurons, one pass."""
+    models = list(job.models)
+    if any(p["layers"] != list(range(p["n_layers"])) for p in preps):
+        raise JobConfigError("a family is recorded and compared over all of its layers")
+    r = job.record
+    key = job.fingerprint("family", cfg.model_dump_json(), *(p["fingerprint"] for p in preps))
+    stage = Stage(name="record+universality", key=key, models=models,
+                  build=partial(_family_consumers, r.topk, hist_spec(r.hist_bins, r.hist_min,
+                                                                     r.hist_max)),
+                  persist=partial(_family_persist, [m.name for m in models]),
+                  batch_size=r.batch_size, merge=partial(_family_merge, job, models, preps, cfg),
+                  work=[WORK, *(m.name for m in models)], description="record + correlations")  # fmt: skip
+    out = run_stage(stage, job.atlas, job.resources, ledger)
+    if out.get("accounting"):
+        atlas = Store.open(job.atlas)
+        for m in models:
+            atlas.model_group(m.name).attrs.update({"tokens_per_second":
+                                                    out["accounting"]["tokens_per_s"]})  # fmt: skip
+    if out.get("skipped"):
+        return {"merged": False, "models": {},
+                **Atlas.open(job.atlas).attrs.get("universality", {})}  # fmt: skip
+    get_run_logger().info("universal neurons: %.2f%% (mean max corr %.3f, rotation baseline %.3f)",
+                          100 * out["universal_frac"], out["mean_max_corr"], out["baseline"])  # fmt: skip
+    return {"merged": True, **out}
 
 
 @task(name="universality", **TASK)

@@ -262,7 +262,10 @@ def test_run_accounting_shows_one_pass_for_record_sample_and_stream(dict_atlas, 
     mask, bs = atlas.corpus["mask"][...], job.record.batch_size
     batches = sum(bool(mask[a : min(a + bs, b)].any())
                   for a0, b in atlas.shard_ranges() for a in range(a0, b, bs))  # fmt: skip
-    assert set(stages) == {"record/tiny", "features/tiny/1"}  # no stream pass of its own
+    # no stream pass of its own; CE and steering forwards are accounted too
+    assert set(stages) == {"record/tiny", "features/tiny/1", "dictionaries/measures"}
+    measures = stages.pop("dictionaries/measures")
+    assert measures["forward_passes"] > 0 and measures["tokens"] > 0
     for name, s in stages.items():
         assert set(s) >= {"stage", "tokens", "forward_passes", "seconds", "tokens_per_s",
                           "workers"}, name  # fmt: skip

@@ -197,6 +197,35 @@ def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_har
     rec = atlas.neuron("fam-s1", 0, 5, k=2)
     assert len(rec.examples) == 2 and "[[" in rec.examples[0].text
     assert main(["info", str(tmp_path / "a.zarr"), "--json"]) == 0
+    # one stage recorded both members and correlated them: one forward per member and batch
+    run = next(r for r in atlas.runs() if r["run"] == out["run"])
+    stages = {st["stage"]: st for st in run["stages"]}
+    assert "record+universality" in stages and "seeds/fam" in stages
+    assert not {"universality", "record/fam-s0", "record/fam-s1"} & set(stages)
+    one = stages["record+universality"]
+    assert one["passes_per_token"] == 1.0 and one["tokens"] == fam.corpus.attrs["n_tokens"]
+    # its numbers against float64 on plain forwards of both members
+    from ops.engine import attention_mask
+    from ops.models import capture_mlp, load_model
+
+    tokens, mask = fam.corpus["tokens"][...], fam.corpus["mask"][...]
+    flat = np.flatnonzero(mask.reshape(-1))
+    acts = []
+    for name in ("fam-s0", "fam-s1"):
+        a = fam.model_attrs(name)  # the dtype the job recorded in (auto: bfloat16 on CPU)
+        lm = load_model(a["source"], dtype=a["dtype"], device="cpu", with_tokenizer=False)
+        got = []
+        with capture_mlp(lm, [0], lambda _l, a, got=got: got.append(a.reshape(-1, a.shape[-1]))
+                         ), torch.no_grad():  # fmt: skip
+            lm.model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                     attention_mask=torch.from_numpy(attention_mask(mask)))  # fmt: skip
+        acts.append(got[0].double().numpy()[flat])
+    np.testing.assert_allclose(fam.stats("fam-s0", 0)["mean"], acts[0].mean(0), rtol=1e-4,
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(fam.stats("fam-s1", 0)["max"], acts[1].max(0), rtol=1e-5)
+    r = np.nan_to_num(np.corrcoef(acts[0].T, acts[1].T)[:64, 64:])
+    np.testing.assert_allclose(atlas.pair("fam-s0", "fam-s1")["max_corr"][0], r.max(1),
+                               atol=1e-4)  # fmt: skip
     # a rerun reuses the trained seeds and the finished atlas
     again = map_neurons(job)
     assert all(r["tokens"] == 0 for r in again["models"])
