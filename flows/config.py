@@ -68,7 +68,8 @@ class ModelConfig(_Strict):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto = bfloat16 on CPU, float16 on GPU."
+        "auto", description="Compute dtype; auto = float16 on GPU, bfloat16 on a CPU with "
+        "native bf16 (AVX-512 BF16/AMX), float32 on other CPUs (emulated bf16 is ~4x slower)."
     )
 
     @field_validator("name")

@@ -6,7 +6,6 @@ HF cache laid out exactly like the real one.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -358,16 +357,24 @@ def test_tokenizer_missing_is_an_error(tiny_dirs: dict) -> None:
         load_model(str(tiny_dirs["gpt2"]), dtype="float32", device="cpu", with_tokenizer=True)
 
 
-def test_dtype_and_device() -> None:
+def test_dtype_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ops.models
+
     cpu = torch.device("cpu")
-    assert resolve_dtype(None, cpu) == torch.bfloat16
-    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(ops.models, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_dtype(None, cpu) == want
+        assert resolve_dtype("auto", cpu) == want
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cpu) == torch.float16
     with pytest.raises(ModelError, match="float64"):
         resolve_dtype("float64", cpu)
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    monkeypatch.undo()
+    assert ops.models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
     with pytest.raises(ModelError, match="fp8"):
         load_model("smollm2", dtype="fp8", device="cpu")
     assert resolve_device("cpu") == cpu
