@@ -6,6 +6,7 @@ HF cache laid out exactly like the real one.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
