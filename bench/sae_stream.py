@@ -26,7 +26,6 @@ import torch  # noqa: E402
 from flows.config import SAERunConfig, parse_job  # noqa: E402
 from flows.dictionaries import feed_stage, train_sae_streamed  # noqa: E402
 from flows.engine import ensure_ray, iter_stage  # noqa: E402
-from flows.steering import sample_by_shard  # noqa: E402
 from storage.atlas import Atlas  # noqa: E402
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     t_rec = time.perf_counter() - t0
 
     x_eval = torch.from_numpy(np.concatenate([a for _, a, _ in
-                                              sample_by_shard(atlas, args.model, args.layer)]))  # fmt: skip
+                                              atlas.sample(args.model, args.layer)]))  # fmt: skip
     run = SAERunConfig(name="bench", arch="topk", expansion=args.expansion, k=args.k, epochs=1,
                        source="stream")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from flows.config import DictionariesConfig, JobConfig, SAERunConfig, SNMFRunConfig
 from flows.engine import Accounting, Ledger, Shard, Stage, ensure_ray, run_stage, stream_stage
-from flows.steering import contrast_direction, eval_batches, sample_by_shard, steer_directions
+from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
 from ops import sae as sae_ops
 from ops import snmf as snmf_ops
@@ -80,7 +80,7 @@ def log_every(steps: int) -> int:
 def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     atlas = Atlas.open(atlas_path)
-    shards = sample_by_shard(atlas, model, layer)
+    shards = atlas.sample(model, layer)
     x = torch.from_numpy(np.concatenate([a for _, a, _ in shards]))
     # a latent silent for a whole pass over the sample counts as dead (AuxK)
     cfg = run.sae_config(x.shape[1], dead_after_tokens=len(x))
@@ -187,7 +187,7 @@ class SNMFWorker:
         atlas = Atlas.open(atlas_path)
         keep = set(shards)
         self.parts = {s: torch.from_numpy(a.T.copy()) for s, a, _ in
-                      sample_by_shard(atlas, model, layer) if s in keep}  # fmt: skip
+                      atlas.sample(model, layer) if s in keep}  # fmt: skip
         self.local = snmf_ops.LocalShards(list(self.parts.values()), cfg)
         self.order = list(self.parts)
 
@@ -239,7 +239,7 @@ def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
                     atlas: Atlas) -> snmf_ops.SNMFResult:  # fmt: skip
     """SNMF with the tokens spread over ``resources.workers`` actors (shard-aligned)."""
     cfg = run.snmf_config()
-    shards = sample_by_shard(atlas, model, layer)
+    shards = atlas.sample(model, layer)
     ensure_ray(job.resources.ray_address, job.resources.workers)
     groups = [g.tolist() for g in np.array_split(np.array([s for s, _, _ in shards]),
                                                  min(job.resources.workers, len(shards)))]  # fmt: skip
@@ -403,7 +403,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
     baseline = ({contrast_key(*steering.contrast):
                  contrast_direction(atlas, model, layer, steering.contrast)}
                 if steering is not None and steering.contrast else {})  # fmt: skip
-    shards = sample_by_shard(atlas, model, layer)
+    shards = atlas.sample(model, layer)
     x = torch.from_numpy(np.concatenate([a for _, a, _ in shards]))
     positions = np.concatenate([p for _, _, p in shards])
     ensure_ray(job.resources.ray_address, job.resources.workers)

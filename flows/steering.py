@@ -18,22 +18,6 @@ from storage.layout import contrast_key, steering_key
 from storage.store import Store
 
 
-def sample_by_shard(
-    atlas: Atlas, model: str, layer: int
-) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(shard, activations [T_s, d] float32, positions [T_s]) for every shard's sample rows."""
-    arr = atlas.model_group(model)["layers"][str(layer)]["sample"]
-    pos = atlas.corpus["sample_positions"][...]
-    per = atlas.sample_rows_per_shard()
-    out = []
-    for s in range(len(atlas.shard_ranges())):
-        p = pos[s * per : (s + 1) * per]
-        ok = p >= 0
-        if ok.any():
-            out.append((s, arr[s * per : (s + 1) * per][ok].astype(np.float32), p[ok]))
-    return out
-
-
 def eval_batches(atlas: Atlas, rows: np.ndarray, batch_size: int) -> list[tuple]:
     """Corpus ``rows`` as evaluation batches ``(ids, attention, recorded mask)``."""
     ids = atlas.corpus["tokens"].oindex[rows, :].astype(np.int64)
@@ -58,7 +42,7 @@ def contrast_direction(atlas: Atlas, model: str, layer: int, contrast: list[str]
     if missing:
         raise JobConfigError(f"dictionaries.steering.contrast: {missing} not among the corpus "
                              f"sources {names}")  # fmt: skip
-    shards = sample_by_shard(atlas, model, layer)
+    shards = atlas.sample(model, layer)
     acts = np.concatenate([a for _, a, _ in shards])
     seq = np.concatenate([p for _, _, p in shards]) // int(atlas.corpus.attrs["seq_len"])
     labels = atlas.corpus["sources"][...][seq]

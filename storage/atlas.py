@@ -190,6 +190,21 @@ class Atlas:
             )
         return lg[str(layer)]
 
+    @routed
+    def sample(self, model: str, layer: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The stored activation sample of a layer by shard: ``(shard, activations [T_s, d]
+        float32, flat corpus positions [T_s])`` for every shard that has sample rows."""
+        arr = self.layer_group(model, layer)["sample"]
+        pos = self.corpus["sample_positions"][...]
+        per = self.sample_rows_per_shard()
+        out = []
+        for s in range(len(self.shard_ranges())):
+            p = pos[s * per : (s + 1) * per]
+            ok = p >= 0
+            if ok.any():
+                out.append((s, arr[s * per : (s + 1) * per][ok].astype(np.float32), p[ok]))
+        return out
+
     # ------------------------------------------------------------------ neurons
 
     @routed
