@@ -6,8 +6,8 @@ their causal checks.
   an ``ActivationFeed`` in shard order through a shuffle buffer; the first streamed run
   shares the record stage's forward, see ``flows.record``). Checkpoints sit in the atlas's
   work area, keyed by the stage's content key, so a killed run resumes.
-* SNMF runs distributed: ``SNMFWorker`` actors each hold some shards' sample rows and their
-  ``Y``; ``ops.snmf.run`` is the one loop, local or on Ray.
+* SNMF runs distributed (``flows.snmf``): actors each hold some shards' sample rows and
+  their ``Y``; ``ops.snmf.run`` is the one loop, local or on Ray.
 * Features: one stage, one pass of the model for every dictionary of the layer
   (``ops.engine.FeatureStats`` per run), merged in shard order like neurons.
 * A Ray task then computes each feature's logit lens, each SAE's CE loss recovered and the
@@ -31,8 +31,9 @@ import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
-from flows.config import DictionariesConfig, JobConfig, SAERunConfig, SNMFRunConfig
+from flows.config import DictionariesConfig, JobConfig, SAERunConfig
 from flows.engine import Accounting, Ledger, Shard, Stage, ensure_ray, run_stage, stream_stage
+from flows.snmf import fit_snmf_on_ray
 from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
 from ops import sae as sae_ops
@@ -171,87 +172,6 @@ def train_sae_streamed(job: JobConfig, model: str, layer: int, run: SAERunConfig
                           checkpoint_every=500, log_every=log_every(steps),
                           on_metrics=progress)  # fmt: skip
     return _sae_result(sae, state, x_eval)
-
-
-# ------------------------------------------------------------------ SNMF on Ray
-
-
-@ray.remote
-class SNMFWorker:
-    """Holds some shards' sample rows (as ``A_s [d, T_s]``) and their ``Y_s``."""
-
-    def __init__(self, atlas_path: str, model: str, layer: int, shards: list[int],
-                 cfg: snmf_ops.SNMFConfig, threads: int | None = 1):  # fmt: skip
-        if threads:
-            torch.set_num_threads(threads)
-        atlas = Atlas.open(atlas_path)
-        keep = set(shards)
-        self.parts = {s: torch.from_numpy(a.T.copy()) for s, a, _ in
-                      atlas.sample(model, layer) if s in keep}  # fmt: skip
-        self.local = snmf_ops.LocalShards(list(self.parts.values()), cfg)
-        self.order = list(self.parts)
-
-    def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.local, method)(*args)
-
-
-class RayShards:
-    """The ``ops.snmf`` shard interface over several ``SNMFWorker`` actors, in shard order."""
-
-    def __init__(self, actors: list, counts: list[int]):
-        self.actors, self.counts = actors, counts
-
-    def _all(self, method: str, *args: Any) -> list:
-        outs = ray.get([a.call.remote(method, *args) for a in self.actors])
-        return [x for out in outs for x in out]  # actors hold consecutive shard ranges
-
-    def n_tokens(self) -> int:
-        return sum(self.counts)
-
-    def columns(self, idx: np.ndarray) -> torch.Tensor:
-        bounds = np.cumsum([0] + self.counts)
-        cols = []
-        for i, a in enumerate(self.actors):
-            mine = idx[(idx >= bounds[i]) & (idx < bounds[i + 1])] - bounds[i]
-            cols.append(ray.get(a.call.remote("columns", mine)))
-        return torch.cat(cols, dim=1)
-
-    def init(self, z: torch.Tensor) -> None:
-        ray.get([a.call.remote("init", z) for a in self.actors])
-
-    def reductions(self) -> list:
-        return self._all("reductions")
-
-    def step(self, z: torch.Tensor, scale: torch.Tensor) -> list[float]:
-        return self._all("step", z, scale)
-
-    def norms(self) -> list[float]:
-        return self._all("norms")
-
-    def keep_best(self) -> None:
-        ray.get([a.call.remote("keep_best") for a in self.actors])
-
-    def best_y(self) -> list[torch.Tensor]:
-        return self._all("best_y")
-
-
-def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
-                    atlas: Atlas) -> snmf_ops.SNMFResult:  # fmt: skip
-    """SNMF with the tokens spread over ``resources.workers`` actors (shard-aligned)."""
-    cfg = run.snmf_config()
-    shards = atlas.sample(model, layer)
-    ensure_ray(job.resources.ray_address, job.resources.workers)
-    groups = [g.tolist() for g in np.array_split(np.array([s for s, _, _ in shards]),
-                                                 min(job.resources.workers, len(shards)))]  # fmt: skip
-    counts = {s: len(p) for s, _, p in shards}
-    actors = [SNMFWorker.options(num_cpus=1).remote(job.atlas, model, layer, g, cfg)
-              for g in groups]  # fmt: skip
-    try:
-        backend = RayShards(actors, [sum(counts[s] for s in g) for g in groups])
-        return snmf_ops.run(backend, cfg)
-    finally:
-        for a in actors:
-            ray.kill(a)
 
 
 # ------------------------------------------------------------------ features over the corpus

@@ -156,7 +156,7 @@ def test_grouping_into_shards_does_not_change_the_result() -> None:
 
 
 class _Workers:
-    """Shards spread over ``LocalShards`` "workers", joined as flows.dictionaries.RayShards does."""
+    """Shards spread over ``LocalShards`` "workers", joined as flows.snmf.RayShards does."""
 
     def __init__(self, groups: list[list[torch.Tensor]], cfg: SNMFConfig):
         self.workers = [LocalShards(g, cfg) for g in groups]

@@ -1,0 +1,96 @@
+"""SNMF on Ray: the tokens of a layer's stored sample spread over actors (shard-aligned),
+each holding its shards' ``A_s`` and ``Y_s``; per iteration the driver sums the shard
+reductions in shard order and solves for ``Z`` (``ops.snmf.run`` is the one loop, local or
+on Ray, so the distributed result equals the single-process one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from flows.config import JobConfig, SNMFRunConfig
+from flows.engine import ensure_ray
+from ops import snmf as snmf_ops
+from storage.atlas import Atlas
+
+
+@ray.remote
+class SNMFWorker:
+    """Holds some shards' sample rows (as ``A_s [d, T_s]``) and their ``Y_s``."""
+
+    def __init__(self, atlas_path: str, model: str, layer: int, shards: list[int],
+                 cfg: snmf_ops.SNMFConfig, threads: int | None = 1):  # fmt: skip
+        if threads:
+            torch.set_num_threads(threads)
+        atlas = Atlas.open(atlas_path)
+        keep = set(shards)
+        self.parts = {s: torch.from_numpy(a.T.copy()) for s, a, _ in
+                      atlas.sample(model, layer) if s in keep}  # fmt: skip
+        self.local = snmf_ops.LocalShards(list(self.parts.values()), cfg)
+        self.order = list(self.parts)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.local, method)(*args)
+
+
+class RayShards:
+    """The ``ops.snmf`` shard interface over several ``SNMFWorker`` actors, in shard order."""
+
+    def __init__(self, actors: list, counts: list[int]):
+        self.actors, self.counts = actors, counts
+
+    def _all(self, method: str, *args: Any) -> list:
+        outs = ray.get([a.call.remote(method, *args) for a in self.actors])
+        return [x for out in outs for x in out]  # actors hold consecutive shard ranges
+
+    def n_tokens(self) -> int:
+        return sum(self.counts)
+
+    def columns(self, idx: np.ndarray) -> torch.Tensor:
+        bounds = np.cumsum([0] + self.counts)
+        cols = []
+        for i, a in enumerate(self.actors):
+            mine = idx[(idx >= bounds[i]) & (idx < bounds[i + 1])] - bounds[i]
+            cols.append(ray.get(a.call.remote("columns", mine)))
+        return torch.cat(cols, dim=1)
+
+    def init(self, z: torch.Tensor) -> None:
+        ray.get([a.call.remote("init", z) for a in self.actors])
+
+    def reductions(self) -> list:
+        return self._all("reductions")
+
+    def step(self, z: torch.Tensor, scale: torch.Tensor) -> list[float]:
+        return self._all("step", z, scale)
+
+    def norms(self) -> list[float]:
+        return self._all("norms")
+
+    def keep_best(self) -> None:
+        ray.get([a.call.remote("keep_best") for a in self.actors])
+
+    def best_y(self) -> list[torch.Tensor]:
+        return self._all("best_y")
+
+
+def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
+                    atlas: Atlas) -> snmf_ops.SNMFResult:  # fmt: skip
+    """SNMF with the tokens spread over ``resources.workers`` actors (shard-aligned)."""
+    cfg = run.snmf_config()
+    shards = atlas.sample(model, layer)
+    ensure_ray(job.resources.ray_address, job.resources.workers)
+    groups = [g.tolist() for g in np.array_split(np.array([s for s, _, _ in shards]),
+                                                 min(job.resources.workers, len(shards)))]  # fmt: skip
+    counts = {s: len(p) for s, _, p in shards}
+    actors = [SNMFWorker.options(num_cpus=1).remote(job.atlas, model, layer, g, cfg)
+              for g in groups]  # fmt: skip
+    try:
+        backend = RayShards(actors, [sum(counts[s] for s in g) for g in groups])
+        return snmf_ops.run(backend, cfg)
+    finally:
+        for a in actors:
+            ray.kill(a)
