@@ -32,7 +32,7 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import DictionariesConfig, JobConfig, SAERunConfig
-from flows.engine import Accounting, Ledger, Shard, Stage, ensure_ray, run_stage, stream_stage
+from flows.engine import Accounting, Ledger, Shard, Stage, ensure_ray, get, run_stage, stream_stage
 from flows.snmf import fit_snmf_on_ray
 from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
@@ -336,7 +336,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
                                              ledger=ledger)
                 for run in dcfg.sae if run.source == "stream"}  # fmt: skip
     snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
-    saes = {name: ray.get(ref) for name, ref in sae_refs.items()} | streamed
+    saes = {name: get(ref) for name, ref in sae_refs.items()} | streamed
 
     # feature activations -> neuron-style statistics, over the corpus (default) or the sample
     dirs = {f"sae/{n}": s["weights"]["W_dec"] for n, s in saes.items()}
@@ -359,7 +359,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
             for i in np.argsort(-st["mean"], kind="stable")[: steering.features]:
                 steer_dirs[steering_key(method, run, int(i))] = dirs[key][int(i)]
     acct = Accounting("dictionaries/measures", corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
-    measures = ray.get(_model_measures.remote(
+    measures = get(_model_measures.remote(
         job, dcfg, dirs, {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
     acct.add(measures.pop("cost"))
     if ledger is not None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from flows.config import ModelConfig, ResourcesConfig
 from ops.engine import ActivationPass, Consumer, batches
+from ops.errors import NeuronmapError
 from ops.models import LoadedModel, load_model
 from storage.atlas import Atlas, AtlasError
 from storage.store import Store
@@ -108,7 +109,12 @@ class PassWorker:
         if threads:
             torch.set_num_threads(threads)
         self.stage = stage
-        self.models = [worker_model(m, device) for m in stage.models]
+        self.failed: Exception | None = None
+        try:
+            self.models = [worker_model(m, device) for m in stage.models]
+        except (NeuronmapError, AtlasError) as e:  # bad input: reported by ready(), not retried
+            self.failed = e
+            return
         self.setup = stage.setup(self.models) if stage.setup is not None else None
         self.atlas = Store.open(atlas_path)
         self.engine = ActivationPass(self.models)
@@ -119,6 +125,8 @@ class PassWorker:
                       "device": f"{dev} ({name})" if name else str(dev)}  # fmt: skip
 
     def ready(self) -> dict[str, Any]:
+        if self.failed is not None:
+            raise self.failed
         return self.where
 
     def run(self, shard: int) -> dict[str, Any]:
@@ -134,6 +142,18 @@ class PassWorker:
 
 
 # ------------------------------------------------------------------ bounded scheduling
+
+
+def get(refs: Any) -> Any:
+    """``ray.get``, with a user error raised in a worker re-raised as itself: one clear line
+    in the CLI, and never retried by Prefect (a Ray-wrapped copy would print the remote
+    traceback)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, NeuronmapError | AtlasError):
+            raise e.cause from None
+        raise
 
 
 def bounded(items: Sequence[Any], submit: Callable[[int, Any], Any], slots: int,
@@ -160,7 +180,7 @@ def bounded(items: Sequence[Any], submit: Callable[[int, Any], Any], slots: int,
             for ref in ready:
                 s, j = inflight.pop(ref)
                 load[s] -= 1
-                out = ray.get(ref)
+                out = get(ref)
                 if not ordered:
                     yield items[j], out
                     continue
@@ -195,7 +215,7 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
     actors = [PassWorker.options(**opts).remote(stage, atlas_path, device, threads)
               for _ in range(n)]  # fmt: skip
     try:
-        ray.get([a.ready.remote() for a in actors])  # surface load errors before queueing work
+        get([a.ready.remote() for a in actors])  # surface load errors before queueing work
         submit = lambda s, shard: actors[s].run.remote(shard)  # noqa: E731
         for _, out in bounded(shards, submit, n, resources.inflight_per_worker, ordered):
             yield out

@@ -20,16 +20,18 @@ one shard by shard. Arrays never travel through Prefect: tasks pass paths and su
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
+from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.config import JobConfig, ModelConfig, UniversalityConfig
+from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
 from flows.dictionaries import learn_dictionaries
 from flows.engine import Ledger
-from flows.prepare import prepare_corpus, prepare_model
+from flows.prepare import prepare_corpus, prepare_model, staging_path, swap_in
 from flows.record import model_properties, record_model
 from flows.seeds import train_seeds
 from flows.universality import record_family, universality
@@ -113,7 +115,28 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
 
     With a ``seeds`` section, also train (or reuse) the seed family, map it into
     ``families/<name>`` of the same atlas, and compare its members' neurons.
+
+    ``overwrite`` builds the new atlas beside an existing one and swaps it in only once the
+    whole job has succeeded: a job that fails or is killed leaves the old atlas as it was.
     """
+    if resume and overwrite:
+        raise JobConfigError("--resume and --overwrite contradict each other; pick one")
+    if not (overwrite and Atlas.exists(job.atlas)):
+        return _map(job, resume, overwrite)
+    staged = staging_path(job.atlas)
+    if Path(staged).exists():  # what a failed or killed earlier overwrite left
+        Store.remove(staged)
+    try:
+        out = _map(job.model_copy(update={"atlas": staged}), resume=False, overwrite=False)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    swap_in(staged, job.atlas)
+    return out | {"atlas": job.atlas}
+
+
+def _map(job: JobConfig, resume: bool, overwrite: bool) -> dict:
+    """The stages of :func:`map_neurons`, in order, into ``job.atlas``."""
     t0 = time.perf_counter()
     ledger = Ledger(job.atlas, uuid.uuid4().hex[:12])
     corpus, rows = _map_models(job, ledger, resume, overwrite)

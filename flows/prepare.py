@@ -5,6 +5,7 @@ arrays. Everything that can fail on bad input runs here, before any recording.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -42,6 +43,21 @@ def model_fingerprint(job: JobConfig, model: ModelConfig, layers: list[int]) -> 
 
 
 # ------------------------------------------------------------------ atlas set-up
+
+
+def staging_path(path: str) -> str:
+    """Where an ``--overwrite`` job builds its atlas until the whole job has succeeded: a
+    sibling of the old atlas, so that swapping it in is a rename on one filesystem."""
+    return f"{str(path).rstrip('/')}.overwrite"
+
+
+def swap_in(staged: str, path: str) -> None:
+    """Replace the atlas at ``path`` by the finished one at ``staged``; the old atlas is
+    removed only after the new one is in place."""
+    old = f"{str(path).rstrip('/')}.replaced-{os.getpid()}"
+    os.rename(path, old)
+    os.rename(staged, path)
+    Store.remove(old)
 
 
 def check_atlas(job: JobConfig, resume: bool, overwrite: bool) -> Atlas | None:
@@ -108,11 +124,9 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
     mask = tc.mask(exclude_bos=c.exclude_bos)
     rows = min(c.shard_sequences, len(tc.tokens))
     sample = stratified_sample(mask, rows, job.record.sample_tokens, job.record.seed)
-    if Atlas.exists(job.atlas):  # only reached with --overwrite
-        Store.remove(job.atlas)
     atlas = Store.create(
-        job.atlas,
-        {"job": job.model_dump(mode="json"), "code_version": flows.__version__,
+        job.atlas,  # where the atlas lives is not part of it: it may be moved (or swapped in)
+        {"job": job.model_dump(mode="json", exclude={"atlas"}), "code_version": flows.__version__,
          "corpus_fingerprint": corpus_fingerprint(job), "tokenizer": job.models[0].source},
     )  # fmt: skip
     atlas.write_corpus(

@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import JobConfig, ModelConfig, SAERunConfig
-from flows.engine import Ledger, Shard, Stage, StageRun, ensure_ray, run_stage
+from flows.engine import Ledger, Shard, Stage, StageRun, ensure_ray, get, run_stage
 from flows.tasks import TASK
 from ops.engine import ActivationFeed, ActivationSample, Consumer, NeuronStats
 from ops.stats import HistSpec, StatsPartial, finalize, hist_spec, merge_partials, stack_partials
@@ -166,7 +166,7 @@ def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
         return {}
     ensure_ray(job.resources.ray_address, job.resources.workers)
     ref = _properties.remote(model.source, model.revision, prep["layers"], job.record.top_tokens)
-    per_layer = ray.get(ref)
+    per_layer = get(ref)
     counts = {}
     for layer, arrays in per_layer.items():
         atlas.write_props(model.name, layer, arrays)

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from flows.config import JobConfig, SNMFRunConfig
-from flows.engine import ensure_ray
+from flows.engine import ensure_ray, get
 from ops import snmf as snmf_ops
 from storage.atlas import Atlas
 
@@ -44,7 +44,7 @@ class RayShards:
         self.actors, self.counts = actors, counts
 
     def _all(self, method: str, *args: Any) -> list:
-        outs = ray.get([a.call.remote(method, *args) for a in self.actors])
+        outs = get([a.call.remote(method, *args) for a in self.actors])
         return [x for out in outs for x in out]  # actors hold consecutive shard ranges
 
     def n_tokens(self) -> int:
@@ -55,11 +55,11 @@ class RayShards:
         cols = []
         for i, a in enumerate(self.actors):
             mine = idx[(idx >= bounds[i]) & (idx < bounds[i + 1])] - bounds[i]
-            cols.append(ray.get(a.call.remote("columns", mine)))
+            cols.append(get(a.call.remote("columns", mine)))
         return torch.cat(cols, dim=1)
 
     def init(self, z: torch.Tensor) -> None:
-        ray.get([a.call.remote("init", z) for a in self.actors])
+        get([a.call.remote("init", z) for a in self.actors])
 
     def reductions(self) -> list:
         return self._all("reductions")
@@ -71,7 +71,7 @@ class RayShards:
         return self._all("norms")
 
     def keep_best(self) -> None:
-        ray.get([a.call.remote("keep_best") for a in self.actors])
+        get([a.call.remote("keep_best") for a in self.actors])
 
     def best_y(self) -> list[torch.Tensor]:
         return self._all("best_y")

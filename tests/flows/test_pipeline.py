@@ -244,3 +244,39 @@ def test_neuron_query_decodes_examples(mapped: Path) -> None:
     for e in rec.examples:
         assert "[[" in e.text and e.token == atlas.decode([int(tokens[e.position])])
         assert e.source in atlas.corpus.attrs["source_names"]
+
+
+def test_failed_overwrite_keeps_the_old_atlas(mapped: Path, tiny_model_dir: Path,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    """--overwrite with a model that has a config and a tokenizer but no weights: the job
+    fails once recording starts; the old atlas stays byte for byte, nothing is left beside."""
+    import shutil
+
+    target = tmp_path / "old.zarr"
+    shutil.copytree(mapped, target)
+    before = _tree_hash(target)
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ModelError, match="no-weights") as e:  # the worker's error, unwrapped
+        _run(_job(target, broken, corpus={"seq_len": 16}), overwrite=True)
+    assert "Traceback" not in str(e.value)
+    assert _tree_hash(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights", "old.zarr"]
+
+
+def test_overwrite_swaps_in_the_new_atlas(mapped: Path, tiny_model_dir: Path,
+                                          tmp_path: Path) -> None:  # fmt: skip
+    import shutil
+
+    target = tmp_path / "old.zarr"
+    shutil.copytree(mapped, target)
+    out = _run(_job(target, tiny_model_dir, corpus={"seq_len": 16, "max_tokens": 800},
+                    record={"sample_tokens": 0}), overwrite=True)  # fmt: skip
+    assert out["atlas"] == str(target)
+    atlas = Atlas.open(target)
+    assert atlas.corpus.attrs["seq_len"] == 16 and atlas.model_attrs("tiny")["complete"]
+    assert "atlas" not in atlas.attrs["job"]  # moved or swapped, its attrs do not lie
+    assert [r["run"] for r in atlas.runs()] == [out["run"]]  # the old atlas's history is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.zarr"]
+    with pytest.raises(Exception, match="contradict"):
+        _run(_job(target, tiny_model_dir), resume=True, overwrite=True)
