@@ -25,7 +25,7 @@ for _k, _v in {
 
 import numpy as np  # noqa: E402
 
-from flows.config import SteeringConfig, load_job  # noqa: E402
+from flows.config import JobConfigError, SteeringConfig, load_job  # noqa: E402
 from ops.errors import NeuronmapError  # noqa: E402
 from storage.atlas import Atlas, AtlasError  # noqa: E402
 
@@ -48,6 +48,8 @@ def sparkline(counts: list[int], width: int = 64) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:  # refused before Prefect or Ray start
+        raise JobConfigError("--resume and --overwrite contradict each other; pick one")
     job = load_job(args.job, atlas=args.atlas)
     if args.workers or args.ray_address:
         res = job.resources.model_copy(
@@ -206,7 +208,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_steer(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.config import JobConfigError, SteeringConfig, format_error
+    from flows.config import format_error
     from flows.steering import steer_feature
 
     try:
@@ -269,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", nargs="?", help="job YAML file (default: the bundled default job)")
     r.add_argument("--atlas", help="atlas path (overrides the job file)")
     r.add_argument("--resume", action="store_true", help="continue an unfinished run")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing atlas")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing atlas (built beside it, swapped in on success)")
     r.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     r.add_argument("--workers", type=int, help="number of Ray model workers")
     r.set_defaults(fn=cmd_run)

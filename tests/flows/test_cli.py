@@ -245,3 +245,10 @@ def test_sparkline() -> None:
     assert len(s) == 3  # leading/trailing empty bins are trimmed, inner ones kept
     assert s[0] != SPARK[0] and s[1] == SPARK[0] and s[2] == SPARK[-1]
     assert len(sparkline(list(range(1, 200)), width=16)) == 16
+
+
+def test_run_refuses_resume_with_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:  # fmt: skip
+    assert main(["run", "--atlas", str(tmp_path / "a.zarr"), "--resume", "--overwrite"]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert not (tmp_path / "a.zarr").exists()
