@@ -234,7 +234,6 @@ class Accounting:
     stage: str
     tokens: int = 0
     forward_passes: int = 0
-    seconds: float = 0.0
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     corpus_tokens: int | None = None
     _t0: float = field(default_factory=time.perf_counter, repr=False)
@@ -253,10 +252,9 @@ class Accounting:
         return max(time.perf_counter() - self._t0, 1e-9)
 
     def to_dict(self) -> dict[str, Any]:
-        self.seconds = self.elapsed()
+        seconds = self.elapsed()
         out = {"stage": self.stage, "tokens": self.tokens, "forward_passes": self.forward_passes,
-               "seconds": round(self.seconds, 3),
-               "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+               "seconds": round(seconds, 3), "tokens_per_s": round(self.tokens / seconds, 1),
                "workers": [dict(w, shards=sorted(w["shards"])) for w in self.workers.values()]}  # fmt: skip
         if self.corpus_tokens:
             # how many times this stage ran the corpus through each of its models
