@@ -108,6 +108,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             )
             print(f"  L{layer:>3}  dictionaries: {runs or 'none'}; steering results: "
                   f"{d['steering']}")  # fmt: skip
+    if info["runs"]:
+        last = info["runs"][-1]
+        print(f"last run {last['run']} ({last['started']} .. {last.get('finished')}):")
+        for st in last["stages"]:
+            ppt = f"{st['passes_per_token']:.2f} passes/token" if "passes_per_token" in st else ""
+            print(f"  {st['stage']:<26} {st['tokens']:>12,} tokens {st['forward_passes']:>7,} "
+                  f"forwards {st['seconds']:>8.1f} s {st['tokens_per_s']:>10,.0f} tok/s  "
+                  f"{len(st['workers'])} workers  {ppt}")  # fmt: skip
     return 0
 
 

@@ -218,8 +218,9 @@ class Store(Atlas):
         g = _require_group(self.root, RUNS)
         runs = list(g.attrs.get("runs", []))
         cur = next((r for r in runs if r.get("run") == run), None)
-        if cur is None:
-            cur = {"run": run, "started": _now(), "stages": []}
+        if cur is None:  # started when its first stage started
+            began = _dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=float(entry.get("seconds", 0)))
+            cur = {"run": run, "started": began.isoformat(timespec="seconds"), "stages": []}
             runs.append(cur)
         cur["stages"].append(jsonable(dict(entry)))
         cur["finished"] = _now()

@@ -274,6 +274,9 @@ def test_run_accounting_shows_one_pass_for_record_sample_and_stream(dict_atlas, 
         shards = sorted(x for w in s["workers"] for x in w["shards"])
         assert shards == list(range(len(Atlas.open(path).shard_ranges())))
         assert all(w["device"] == "cpu" and w["node"] for w in s["workers"])
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert f"last run {out['run']}" in text and "features/tiny/1" in text
 
 
 def test_info_lists_dictionaries(dict_atlas, capsys) -> None:
