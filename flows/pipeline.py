@@ -1,8 +1,9 @@
 """The ``map_neurons`` Prefect flow: the job as an ordered list of stages.
 
 1. ``prepare-corpus``: tokenize the corpus once into the atlas (``flows.prepare``)
-2. per model: ``prepare-model`` (pre-sized arrays), ``record`` (statistics + sample, one
-   forward per batch, merged in shard order; ``flows.record``), ``properties`` (weights)
+2. per model: ``prepare-model`` (pre-sized arrays), ``record`` (statistics + sample, and
+   a streamed SAE's first epoch, from one forward per batch, merged in shard order;
+   ``flows.record``), ``properties`` (weights)
 3. with ``seeds``: ``train_seeds`` (``flows.seeds``), then the family in
    ``families/<name>``: corpus, arrays and properties as in 1-2, and ``record-family``:
    every member's statistics and the co-moments of every neuron pair across members from
