@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import unicodedata
 from typing import Any
 
 # Defaults that keep a laptop run quiet and offline; explicit settings win.
@@ -30,6 +31,20 @@ from ops.errors import NeuronmapError  # noqa: E402
 from storage.atlas import Atlas, AtlasError  # noqa: E402
 
 SPARK = " ▁▂▃▄▅▆▇█"
+
+
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def shown(text: str) -> str:
+    """Corpus text made safe to print: newlines as ⏎, control characters (ESC, BEL, NUL, ...)
+    and bidi overrides escaped, so corpus text can neither drive the terminal nor reorder
+    what it shows. Other format characters (zero-width joiners, needed by some scripts) stay."""
+    return "".join(
+        c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" or c in _BIDI
+        else c
+        for c in text.replace("\n", "⏎")
+    )  # fmt: skip
 
 
 def sparkline(counts: list[int], width: int = 64) -> str:
@@ -137,8 +152,8 @@ def cmd_neuron(args: argparse.Namespace) -> int:
     print(f"  histogram (log bins, log counts): {sparkline(s['hist'])}")
     print("  top examples:")
     for ex in rec.examples:
-        text = ex.text.replace("\n", "⏎")
-        print(f"  {ex.rank + 1:>3}. {ex.value:+9.3f}  [{ex.source}]  {text}")
+        text = shown(ex.text)
+        print(f"  {ex.rank + 1:>3}. {ex.value:+9.3f}  [{shown(ex.source)}]  {text}")
     return 0
 
 
@@ -180,7 +195,7 @@ def cmd_universal(args: argparse.Namespace) -> int:
         print(f"{r['model']} L{r['layer']} N{r['index']}  excess {r['excess_corr']:+.3f}  "
               f"(r {r['mean_max_corr']:.3f} vs {r['baseline']:.3f})  partners: {partners}")  # fmt: skip
         for text in r["examples"]:
-            print(f"      {text.replace(chr(10), '⏎')}")
+            print(f"      {shown(text)}")
     return 0
 
 
@@ -268,7 +283,7 @@ def _print_feature(rec: Any) -> None:
         _print_steering(rec.steering)
     for ex in rec.examples:
         print(
-            f"  {ex.rank + 1:>3}. {ex.value:+8.3f}  [{ex.source}]  {ex.text.replace(chr(10), '⏎')}"
+            f"  {ex.rank + 1:>3}. {ex.value:+8.3f}  [{shown(ex.source)}]  {shown(ex.text)}"
         )
 
 

@@ -252,3 +252,28 @@ def test_run_refuses_resume_with_overwrite(tmp_path: Path, capsys: pytest.Captur
     assert main(["run", "--atlas", str(tmp_path / "a.zarr"), "--resume", "--overwrite"]) == 2
     assert "contradict" in capsys.readouterr().err
     assert not (tmp_path / "a.zarr").exists()
+
+
+def test_corpus_text_cannot_drive_the_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """ESC sequences, BEL, NUL and bidi overrides in corpus text are printed escaped; --json
+    keeps the text as it is."""
+    import tests.storage.test_atlas as ta
+    from flows.cli import shown
+
+    assert shown("a\x1b[2Jb\x07\x00\u202ec\nd\u200dé") == "a\\x1b[2Jb\\x07\\x00\\u202ec⏎d\u200dé"
+    hostile = [b" c\x1b[2J\x07at\xe2\x80\xae" if v == b" cat" else v for v in ta.VOCAB]
+    monkeypatch.setattr(ta, "VOCAB", hostile)
+    path = tmp_path / "hostile.zarr"
+    build_atlas(path)
+    found = False
+    for layer, index in ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2)):
+        assert main(["neuron", str(path), MODEL, str(layer), str(index)]) == 0
+        out = capsys.readouterr().out
+        assert not {"\x1b", "\x07", "\u202e"} & set(out)
+        found |= "\\x1b[2J\\x07at\\u202e" in out
+        assert main(["neuron", str(path), MODEL, str(layer), str(index), "--json"]) == 0
+        raw = json.loads(capsys.readouterr().out)
+        found_raw = any("\x1b[2J" in e["text"] for e in raw["examples"])
+        assert found_raw == ("\\x1b[2J" in out)
+    assert found  # some top example shows the hostile token, escaped
