@@ -47,8 +47,20 @@ const document = {
   getElementById: getById,
   querySelectorAll: (sel) => (sel === ".tabs button" ? tabs : []),
 };
-const fetchAbs = (url) => fetch(new URL(url, baseUrl));
-const settle = () => new Promise((r) => setTimeout(r, 300));
+// settle() waits until every request the page made has been answered and read, and the page
+// has had a tick to render (not a fixed sleep: a loaded CI machine can take longer per answer)
+let inflight = 0;
+const tracked = (p) => { inflight++; return p.finally(() => { inflight--; }); };
+const fetchAbs = (url) => tracked(fetch(new URL(url, baseUrl)).then((r) => ({
+  ok: r.ok, status: r.status, statusText: r.statusText, json: () => tracked(r.json()),
+})));
+const settle = async () => {
+  const t0 = Date.now();
+  for (let quiet = 0; quiet < 2 && Date.now() - t0 < 30000;) {
+    await new Promise((r) => setTimeout(r, 50));
+    quiet = inflight === 0 ? quiet + 1 : 0;
+  }
+};
 
 (async () => {
   vm.runInNewContext(script, { document, fetch: fetchAbs, console, setTimeout, URL });
