@@ -89,7 +89,7 @@ class Consumer:
 
     sites: tuple[Site, ...] = ()
 
-    def update(self, acts: Sequence[torch.Tensor], rows: torch.Tensor,
+    def update(self, acts: Sequence[torch.Tensor], rows: torch.Tensor | None,
                positions: torch.Tensor) -> None:  # fmt: skip
         raise NotImplementedError
 
