@@ -130,7 +130,6 @@ class PassWorker:
         return self.where
 
     def run(self, shard: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
         tokens, mask = self.atlas.read_shard(shard)
         first, _ = self.atlas.shard_ranges()[shard]
         ctx = Shard(shard, self.atlas, self.models, self.setup)
@@ -138,7 +137,7 @@ class PassWorker:
         count = self.engine.run(batches(tokens, mask, first, self.stage.batch_size), consumers)
         out = self.stage.persist(ctx, consumers)
         return {"shard": shard, "tokens": count.tokens, "forward_passes": count.forward_passes,
-                "seconds": time.perf_counter() - t0, **self.where, **out}  # fmt: skip
+                **self.where, **out}  # fmt: skip
 
 
 # ------------------------------------------------------------------ bounded scheduling

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from pathlib import Path
 
 import ray
 from prefect import get_run_logger, task
@@ -89,20 +90,33 @@ def record_stage(job: JobConfig, model: ModelConfig, prep: dict,
     )  # fmt: skip
 
 
-def _shared_stream(job: JobConfig, model: ModelConfig, prep: dict) -> SAERunConfig | None:
-    """The streamed SAE run whose first epoch can ride on this record pass: the first
-    ``source: stream`` run on this model, when the stage starts from scratch and the run has
-    no checkpoint yet (a resumed run streams on its own, from its checkpoint's position)."""
+def _shared_stream(job: JobConfig, model: ModelConfig, prep: dict
+                   ) -> tuple[SAERunConfig, Path] | None:  # fmt: skip
+    """The streamed SAE run (and its checkpoint) whose first epoch can ride on this record
+    pass: the first ``source: stream`` run on this model, when the stage starts from scratch
+    and the run has no checkpoint yet (a resumed run streams on its own, from its checkpoint)."""
+    from flows.dictionaries import checkpoint_path, dictionaries_fingerprint
+
     d = job.dictionaries
     run = next((r for r in d.sae if r.source == "stream"), None) if d and d.model == model.name else None
     entry = Atlas.open(job.atlas).done(f"record/{model.name}")
     if run is None or (entry.get("fingerprint") == prep["fingerprint"]
                        and (entry.get("shards") or entry.get("complete"))):  # fmt: skip
         return None
-    from flows.dictionaries import checkpoint_path, dictionaries_fingerprint
-
     ckpt = checkpoint_path(job.atlas, run, dictionaries_fingerprint(d, prep["fingerprint"]))
-    return None if ckpt.exists() else run
+    return None if ckpt.exists() else (run, ckpt)
+
+
+def note_speed(atlas_path: str, models: list[ModelConfig], out: dict) -> None:
+    """Keep a stage's recording speed on its models (``neuronmap info`` shows it)."""
+    acct = out.get("accounting")
+    if acct:
+        atlas = Store.open(atlas_path)
+        for m in models:
+            atlas.model_group(m.name).attrs.update({"tokens_per_second": acct["tokens_per_s"]})
+        get_run_logger().info("%s: %d tokens in %.1fs (%.0f tok/s)",
+                              ", ".join(m.name for m in models), acct["tokens"], acct["seconds"],
+                              acct["tokens_per_s"])  # fmt: skip
 
 
 @task(name="record", **TASK)
@@ -112,18 +126,17 @@ def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger 
 
     When the job streams an SAE over this model's layer, the record pass feeds it too: the
     SAE trains here, in shard order, on the activations of the same forward."""
-    stream = _shared_stream(job, model, prep)
-    if stream is None:
+    shared = _shared_stream(job, model, prep)
+    if shared is None:
         out = run_stage(record_stage(job, model, prep), job.atlas, job.resources, ledger)
     else:
-        from flows.dictionaries import checkpoint_path, dictionaries_fingerprint, train_sae_streamed
+        from flows.dictionaries import train_sae_streamed
 
+        stream, ckpt = shared
         assert job.dictionaries is not None
         layer = job.dictionaries.layer
         run = StageRun(record_stage(job, model, prep, feed_layer=layer), job.atlas,
                        job.resources, ledger, ordered=True)  # fmt: skip
-        ckpt = checkpoint_path(job.atlas, stream,
-                               dictionaries_fingerprint(job.dictionaries, prep["fingerprint"]))  # fmt: skip
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         shards = iter(run)
         train_sae_streamed(job, model.name, layer, stream, str(ckpt), first_epoch=shards,
@@ -131,12 +144,7 @@ def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger 
         for _ in shards:  # a run shorter than one epoch leaves shards to record
             pass
         out = run.summary or {}
-    acct = out.get("accounting")
-    if acct:
-        atlas = Store.open(job.atlas)
-        atlas.model_group(model.name).attrs.update({"tokens_per_second": acct["tokens_per_s"]})
-        get_run_logger().info("%s: %d tokens in %.1fs (%.0f tok/s)", model.name, acct["tokens"],
-                              acct["seconds"], acct["tokens_per_s"] or 0)  # fmt: skip
+    note_speed(job.atlas, [model], out)
     return out
 
 

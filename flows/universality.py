@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
 from flows.engine import Ledger, Shard, Stage, run_stage
-from flows.record import record_merge
+from flows.record import note_speed, record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments
 from ops.engine import Consumer, CrossMoments, NeuronStats
@@ -118,17 +118,9 @@ def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
                   batch_size=r.batch_size, merge=partial(_family_merge, job, models, preps, cfg),
                   work=[WORK, *(m.name for m in models)], description="record + correlations")  # fmt: skip
     out = run_stage(stage, job.atlas, job.resources, ledger)
-    if out.get("accounting"):
-        atlas = Store.open(job.atlas)
-        for m in models:
-            atlas.model_group(m.name).attrs.update({"tokens_per_second":
-                                                    out["accounting"]["tokens_per_s"]})  # fmt: skip
-    if out.get("skipped"):
-        return {"merged": False, "models": {},
-                **Atlas.open(job.atlas).attrs.get("universality", {})}  # fmt: skip
-    get_run_logger().info("universal neurons: %.2f%% (mean max corr %.3f, rotation baseline %.3f)",
-                          100 * out["universal_frac"], out["mean_max_corr"], out["baseline"])  # fmt: skip
-    return {"merged": True, **out}
+    note_speed(job.atlas, models, out)
+    return _result(job, out) | {"models": out.get("models", {}),
+                                "accounting": out.get("accounting")}
 
 
 @task(name="universality", **TASK)
@@ -141,9 +133,13 @@ def universality(job: JobConfig, models: list[ModelConfig], cfg: UniversalityCon
     stage = Stage(name="universality", key=key, models=models, build=_consumers,
                   persist=_persist, batch_size=job.record.batch_size,
                   merge=partial(_merge, models, cfg), work=[WORK], description="correlations")  # fmt: skip
-    out = run_stage(stage, job.atlas, job.resources, ledger)
+    return _result(job, run_stage(stage, job.atlas, job.resources, ledger))
+
+
+def _result(job: JobConfig, out: dict) -> dict:
+    """A universality stage's summary: fresh from its merge, or as stored when skipped."""
     if out.get("skipped"):
         return {"merged": False, **Atlas.open(job.atlas).attrs.get("universality", {})}
     get_run_logger().info("universal neurons: %.2f%% (mean max corr %.3f, rotation baseline %.3f)",
                           100 * out["universal_frac"], out["mean_max_corr"], out["baseline"])  # fmt: skip
-    return {"merged": True, **{k: v for k, v in out.items() if k != "accounting"}}
+    return {"merged": True, **{k: v for k, v in out.items() if k not in ("accounting", "models")}}
