@@ -9,7 +9,8 @@ through :func:`routed`, the one place that resolves which atlas holds a model.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import numpy as np
 import zarr
 
 from storage.errors import AtlasError
+from storage.integrity import open_root
 from storage.layout import (
     FAMILIES,
     MANIFEST,
@@ -44,8 +46,29 @@ def routed(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _Lru:
+    """A few recently read blocks (a layer's statistics, a shard's tokens) kept in memory:
+    every Zarr read costs a round trip through its event-loop thread (~1 ms), so a neuron
+    page that reads ~20 small arrays and a shard per example spends its time there."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.items = size, OrderedDict()
+
+    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.items[key] = load()
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
 class Atlas:
-    """Read access to one atlas. ``Atlas.open(path)`` is the query entry point."""
+    """Read access to one atlas. ``Atlas.open(path)`` is the query entry point.
+
+    A handle caches what it has read of finished arrays (a few layers' statistics, a few
+    shards' tokens): open a new handle to see data written after the first read."""
 
     MODE = "r"
 
@@ -53,6 +76,9 @@ class Atlas:
         self.root = root
         self.path = path
         self._vocab: tuple[np.ndarray, np.ndarray] | None = None
+        self._layers = _Lru(8)
+        self._shards = _Lru(32)
+        self._corpus_meta: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ open
 
@@ -63,7 +89,7 @@ class Atlas:
         if "://" not in p and not (Path(p) / "zarr.json").is_file():
             raise AtlasError(f"no atlas at {p} (no zarr.json): run `neuronmap run` first")
         try:
-            root = zarr.open_group(p, mode=cls.MODE)
+            root = open_root(p, cls.MODE)
         except Exception as e:  # zarr raises several types for unreadable stores
             raise AtlasError(f"cannot open atlas {p}: {e}") from e
         if root.attrs.get("schema_version") != SCHEMA_VERSION:
@@ -99,6 +125,17 @@ class Atlas:
         """Tokens and mask of one shard."""
         a, b = self.shard_ranges()[shard]
         return self.corpus["tokens"][a:b], self.corpus["mask"][a:b]
+
+    def _corpus_info(self) -> dict[str, Any]:
+        """Corpus attrs and per-sequence sources, read once per handle."""
+        if self._corpus_meta is None:
+            c = self.corpus
+            self._corpus_meta = {**dict(c.attrs), "sources": c["sources"][...]}
+        return self._corpus_meta
+
+    def _shard_rows(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and mask of one shard (one chunk each), cached."""
+        return self._shards.get(shard, lambda: self.read_shard(shard))
 
     def sample_rows_per_shard(self) -> int:
         n = self.corpus["sample_positions"].shape[0]
@@ -209,44 +246,54 @@ class Atlas:
 
     @routed
     def stats(self, model: str, layer: int) -> dict[str, np.ndarray]:
-        """All per-neuron statistics of one layer (small arrays, read whole)."""
-        st = self.layer_group(model, layer)["stats"]
-        return {k: st[k][...] for k in st.array_keys()}
+        """All per-neuron statistics of one layer (small arrays, read whole; read-only)."""
+        return dict(self._layer_data(model, layer)["stats"])
+
+    def _layer_data(self, model: str, layer: int) -> dict[str, dict[str, np.ndarray]]:
+        """Every per-neuron array of a finished layer (stats, top-k, props), read whole
+        once per handle: small next to the model, and a neuron page then reads nothing."""
+
+        def load() -> dict[str, dict[str, np.ndarray]]:
+            L = self.layer_group(model, layer)
+            out = {g: {k: L[g][k][...] for k in L[g].array_keys()}
+                   for g in ("stats", "topk", "props") if g in L}  # fmt: skip
+            for arrays in out.values():
+                for a in arrays.values():
+                    a.flags.writeable = False  # shared by every caller of this handle
+            return out
+
+        return self._layers.get((model, layer), load)
 
     @routed
     def props(self, model: str, layer: int) -> dict[str, np.ndarray]:
-        L = self.layer_group(model, layer)
-        if "props" not in L:
-            return {}
-        return {k: L["props"][k][...] for k in L["props"].array_keys()}
+        return dict(self._layer_data(model, layer).get("props", {}))
 
     @routed
     def neuron(self, model: str, layer: int, index: int, k: int | None = None,
                context: int = 12) -> NeuronRecord:  # fmt: skip
         """Statistics and top-``k`` examples of one neuron, decoded with the atlas vocabulary."""
         self._require_complete(model)
-        L = self.layer_group(model, layer)
-        d = L["stats"]["mean"].shape[0]
+        data = self._layer_data(model, layer)
+        st = data["stats"]
+        d = st["mean"].shape[0]
         if not 0 <= index < d:
             raise AtlasError(f"neuron index {index} out of range: layer {layer} has {d} neurons")
-        st = L["stats"]
         stats: dict[str, Any] = {}
         for name in STAT_NAMES:
             if name != "hist":
                 stats[name] = np.asarray(st[name][index]).item()
         stats["hist"] = st["hist"][index].tolist()
-        stats["hist_edges"] = st["hist_edges"][...].tolist()
+        stats["hist_edges"] = st["hist_edges"].tolist()
         props = {}
-        if "props" in L:
-            for name in L["props"].array_keys():
-                v = L["props"][name][index]
-                props[name] = v.tolist() if np.ndim(v) else np.asarray(v).item()
-            for key in ("top_promoted", "top_suppressed"):
-                if key in props:
-                    props[key + "_tokens"] = [self.decode([t]) for t in props[key]]
+        for name, arr in data.get("props", {}).items():
+            v = arr[index]
+            props[name] = v.tolist() if np.ndim(v) else np.asarray(v).item()
+        for key in ("top_promoted", "top_suppressed"):
+            if key in props:
+                props[key + "_tokens"] = [self.decode([t]) for t in props[key]]
         stats["props"] = props
-        values = L["topk"]["values"][index]
-        positions = L["topk"]["positions"][index]
+        values = data["topk"]["values"][index]
+        positions = data["topk"]["positions"][index]
         if k is not None:
             values, positions = values[:k], positions[:k]
         return NeuronRecord(model, layer, index, stats, self._examples(values, positions, context))
@@ -256,20 +303,22 @@ class Atlas:
                 for r, (v, p) in enumerate(zip(values, positions, strict=True)) if p >= 0]  # fmt: skip
 
     def _example(self, rank: int, value: float, position: int, context: int) -> Example:
-        c = self.corpus
-        seq_len = c.attrs["seq_len"]
+        c = self._corpus_info()
+        seq_len = c["seq_len"]
         seq, t = divmod(position, seq_len)
         lo = max(0, t - context)
         hi = t + 1 + max(context // 3, 2)
-        toks = c["tokens"][seq, lo:hi]
-        keep = c["mask"][seq, lo:hi]  # drops BOS and padding from the shown context
+        shard, row = divmod(seq, c["shard_sequences"])
+        tokens, mask = self._shard_rows(shard)
+        toks = tokens[row, lo:hi]
+        keep = mask[row, lo:hi]  # drops BOS and padding from the shown context
         j = t - lo
         left = self.token_bytes(int(x) for x, ok in zip(toks[:j], keep[:j], strict=True) if ok)
         tok = self.token_bytes([int(toks[j])])
         right = self.token_bytes(
             int(x) for x, ok in zip(toks[j + 1 :], keep[j + 1 :], strict=True) if ok
         )
-        names = c.attrs["source_names"]
+        names = c["source_names"]
         src = names[int(c["sources"][seq])] if names else ""
         text = mark_token(left, tok, right)
         return Example(rank, value, position, seq, t, tok.decode("utf-8", "replace"), text, src)
@@ -465,11 +514,28 @@ class Atlas:
 
     # ------------------------------------------------------------------ summary
 
+    def _wants_props(self) -> bool:
+        return bool(self.attrs.get("job", {}).get("record", {}).get("properties", False))
+
+    def pending(self) -> list[str]:
+        """Stages started but not finished (from the manifest), families included; a model
+        whose weight properties were asked for but are missing counts as ``properties/<m>``."""
+        out = []
+        for at in self._holders():
+            if MANIFEST in at.root:
+                out += [k for k, v in at.root[MANIFEST].attrs.items() if not v.get("complete")]
+            if at._wants_props():
+                out += [f"properties/{m}" for m in at.models
+                        if not at.model_attrs(m).get("props_complete")]  # fmt: skip
+        return sorted(set(out))
+
     def info(self) -> dict[str, Any]:
         """Summary of the atlas for ``neuronmap info``."""
         a = self.attrs
         out: dict[str, Any] = {
             "path": self.path,
+            "complete": bool(a.get("complete")),
+            "pending": self.pending(),
             "schema_version": a.get("schema_version"),
             "created": a.get("created"),
             "updated": a.get("updated"),
@@ -501,6 +567,8 @@ class Atlas:
             keys = ("source", "architecture", "n_layers", "d_mlp", "hook_site", "dtype",
                     "complete", "tokens_per_second")  # fmt: skip
             out["models"][m] = {k: ma.get(k) for k in keys} | {"layers": layers}
+            if self._wants_props() and not ma.get("props_complete"):
+                out["models"][m]["complete"] = False  # statistics alone are not the model
             dicts = self.dictionary_overview(m)
             if dicts:
                 out["models"][m]["dictionaries"] = dicts

@@ -1,6 +1,7 @@
 """The atlas layout: schema version and every name that places something in the atlas.
 
-    attrs: schema_version, job, code_version, tokenizer, created, updated, universality
+    attrs: schema_version, integrity, job, code_version, tokenizer, created, updated,
+           complete (the whole job finished), finished_run, universality
     corpus/tokens [n_seq, seq_len] int32, doc_ids [n_seq], sources [n_seq], mask [n_seq, seq_len]
     corpus/vocab_bytes, corpus/vocab_offsets       token id -> raw bytes (decoding without models)
     corpus/sample_positions [n_sample]             flat positions of the activation sample
@@ -18,6 +19,11 @@
     _work/<key>/shard_<i>/...                      per-shard partials, removed after the merge
     _manifest (attrs)                              which shards of which stage are complete
     _runs (attrs)                                  run accounting, latest last
+
+Every array carries ``dimension_names`` (:data:`DIMS`) and a ``description`` attr where it
+has a fixed meaning (:data:`ABOUT`), so xarray or plain zarr can read the atlas without
+neuronmap. Every chunk ends with its crc32c and every chunk of the grid is stored
+(``storage.integrity``); ``neuronmap verify ATLAS`` checks both.
 """
 
 from __future__ import annotations
@@ -43,6 +49,46 @@ SUMMARY_ARRAYS = ("mean_max_corr", "max_max_corr", "min_max_corr", "baseline", "
                   "universal", "dead")  # fmt: skip
 
 WORK, MANIFEST, RUNS, FAMILIES, UNIVERSALITY = "_work", "_manifest", "_runs", "families", "universality"
+
+
+DIMS: dict[str, tuple[str, ...]] = {
+    "tokens": ("sequence", "position"), "mask": ("sequence", "position"),
+    "doc_ids": ("sequence",), "sources": ("sequence",), "vocab_bytes": ("byte",),
+    "vocab_offsets": ("token_id_edge",), "sample_positions": ("sample",),
+    "hist": ("{unit}", "bin"), "hist_edges": ("bin_edge",), "sample": ("sample", "neuron"),
+    "values": ("{unit}", "rank"), "positions": ("{unit}", "rank"),
+    "W_enc": ("neuron", "feature"), "W_dec": ("feature", "neuron"), "b_enc": ("feature",),
+    "b_dec": ("neuron",), "Z": ("neuron", "feature"),
+    "promoted": ("feature", "rank"), "suppressed": ("feature", "rank"),
+    "top_promoted": ("neuron", "rank"), "top_suppressed": ("neuron", "rank"),
+    "perm": ("layer", "neuron"), "corr": ("layer", "neuron"),
+    **{name: ("layer", "neuron") for name in PAIR_ARRAYS},
+}  # fmt: skip
+"""Dimension names of arrays by name (``{unit}`` is ``neuron`` or ``feature``); any other
+array is indexed by its unit first (see :func:`dims`)."""
+
+ABOUT = {
+    "tokens": "token ids; row = sequence, BOS first", "mask": "true where a token counts",
+    "doc_ids": "source document of each sequence", "sources": "index into attrs source_names",
+    "vocab_bytes": "token bytes, concatenated", "vocab_offsets": "token id i is bytes[off[i]:off[i+1]]",
+    "sample_positions": "flat positions (into tokens) of the activation sample, -1 unused",
+    "count": "tokens seen", "mean": "mean activation", "var": "variance", "skew": "skewness",
+    "kurt": "kurtosis", "min": "minimum", "max": "maximum",
+    "frac_active": "fraction of tokens above the activity threshold",
+    "hist": "histogram counts over hist_edges", "hist_edges": "histogram bin edges",
+    "dead": "never above the dead-frequency threshold", "massive": "massive activation",
+    "values": "top-k activations, largest first", "positions": "flat corpus positions of values",
+    "sample": "activations at sample_positions (float16)",
+}  # fmt: skip
+"""Short description stored as the ``description`` attr of arrays with these names."""
+
+
+def dims(name: str, ndim: int, unit: str = "neuron") -> tuple[str, ...]:
+    """Dimension names of array ``name`` of rank ``ndim`` (xarray reads them from Zarr v3)."""
+    d = tuple(x.format(unit=unit) for x in DIMS.get(name, ()))
+    if len(d) != ndim:
+        d = ((unit,) + tuple(f"{name}_{i}" for i in range(1, ndim)))[:ndim]
+    return d
 
 
 def fill(dtype: str) -> Any:

@@ -22,7 +22,9 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from storage.atlas import Atlas, routed
 from storage.errors import AtlasError
+from storage.integrity import INTEGRITY, compressors, remove_strays
 from storage.layout import (
+    ABOUT,
     FAMILIES,
     MANIFEST,
     METHODS,
@@ -32,6 +34,7 @@ from storage.layout import (
     STAT_NAMES,
     UNIVERSALITY,
     WORK,
+    dims,
     fill,
     pair_key,
     partial_name,
@@ -39,7 +42,30 @@ from storage.layout import (
 )
 from storage.records import jsonable
 
-_FAST = [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")]
+_FAST = compressors(BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"))
+
+
+def _array(group: zarr.Group, name: str, data: Any = None, *, unit: str = "neuron",
+           replace: bool = False, **kw: Any) -> zarr.Array:  # fmt: skip
+    """Create one atlas array: crc32c last in its codecs, dimension names and a description
+    attr, so plain zarr and xarray users can read it (``storage.integrity``, layout docs).
+    ``data`` given: written whole; else ``shape``/``dtype`` (and ``fill_value``) pre-size it.
+    An existing array of that name is returned as is, or replaced with ``replace``."""
+    if name in group:
+        if not replace:
+            return group[name]
+        del group[name]
+    if data is not None:
+        data = np.asarray(data)
+        kw.setdefault("shape", data.shape)
+        kw.setdefault("dtype", data.dtype)
+    kw["compressors"] = compressors(*(kw.get("compressors") or ()))
+    attrs = {"description": ABOUT[name]} if name in ABOUT else {}
+    arr = group.create_array(name, dimension_names=dims(name, len(kw["shape"]), unit),
+                             attributes=attrs, **kw)  # fmt: skip
+    if data is not None:
+        arr[...] = data
+    return arr
 
 
 def _now() -> str:
@@ -70,9 +96,8 @@ class Store(Atlas):
         if "://" not in p and Path(p).exists() and (not Path(p).is_dir() or any(Path(p).iterdir())):
             raise AtlasError(f"{p} already exists; pick another --atlas or pass --overwrite")
         root = zarr.open_group(p, mode="w")
-        root.attrs.update(
-            {"schema_version": SCHEMA_VERSION, "created": _now(), "updated": _now(), **attrs}
-        )
+        root.attrs.update({"schema_version": SCHEMA_VERSION, "integrity": INTEGRITY,
+                           "created": _now(), "updated": _now(), **attrs})  # fmt: skip
         root.create_group("models")
         return cls(root, p)
 
@@ -82,6 +107,16 @@ class Store(Atlas):
 
     def touch(self, **attrs: Any) -> None:
         self.root.attrs.update({"updated": _now(), **attrs})
+
+    def finish(self, run: str) -> None:
+        """Mark the whole job complete (root attr ``complete``) and drop what only a running
+        job needs: ``_work`` partials, here and in every family, and temporary files that
+        killed writers left."""
+        for at in self._holders():
+            if WORK in at.root:
+                del at.root[WORK]
+        remove_strays(self.path)
+        self.touch(complete=True, finished_run=run)
 
     def ensure_families_group(self) -> None:
         self.root.require_group(FAMILIES)
@@ -99,16 +134,16 @@ class Store(Atlas):
         g = self.root.create_group("corpus")
         n, s = tokens.shape
         rows = min(shard_sequences, n)
-        g.create_array("tokens", data=tokens.astype(np.int32), chunks=(rows, s))
-        g.create_array("mask", data=mask.astype(bool), chunks=(rows, s))
-        g.create_array("doc_ids", data=doc_ids.astype(np.int64), chunks=(rows,))
-        g.create_array("sources", data=sources.astype(np.int16), chunks=(rows,))
+        _array(g, "tokens", tokens.astype(np.int32), chunks=(rows, s))
+        _array(g, "mask", mask.astype(bool), chunks=(rows, s))
+        _array(g, "doc_ids", doc_ids.astype(np.int64), chunks=(rows,))
+        _array(g, "sources", sources.astype(np.int16), chunks=(rows,))
         lens = np.fromiter((len(b) for b in vocab), dtype=np.int64, count=len(vocab))
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         blob = np.frombuffer(b"".join(vocab), dtype=np.uint8)
-        g.create_array("vocab_bytes", data=blob if blob.size else np.zeros(1, np.uint8))
-        g.create_array("vocab_offsets", data=offsets)
-        g.create_array("sample_positions", data=sample_positions.astype(np.int64))
+        _array(g, "vocab_bytes", blob if blob.size else np.zeros(1, np.uint8))
+        _array(g, "vocab_offsets", offsets)
+        _array(g, "sample_positions", sample_positions.astype(np.int64))
         g.attrs.update({"source_names": list(source_names), "shard_sequences": rows,
                         "n_sequences": n, "seq_len": s, "n_tokens": int(mask.sum()), **attrs})  # fmt: skip
 
@@ -129,17 +164,15 @@ class Store(Atlas):
             for name in STAT_NAMES:
                 dtype = STAT_DTYPES.get(name, "float64")
                 shape = (d_mlp, bins) if name == "hist" else (d_mlp,)
-                st.require_array(name, shape=shape, dtype=dtype, fill_value=fill(dtype))
-            if "hist_edges" not in st:
-                st.create_array("hist_edges", data=hist_edges.astype(np.float32))
+                _array(st, name, shape=shape, dtype=dtype, fill_value=fill(dtype))
+            _array(st, "hist_edges", hist_edges.astype(np.float32))
             tk = L.require_group("topk")
-            tk.require_array("values", shape=(d_mlp, k), dtype="float32", fill_value=np.nan)
-            tk.require_array("positions", shape=(d_mlp, k), dtype="int64", fill_value=-1)
+            _array(tk, "values", shape=(d_mlp, k), dtype="float32", fill_value=np.nan)
+            _array(tk, "positions", shape=(d_mlp, k), dtype="int64", fill_value=-1)
             if layer in sample_layers and n_sample:
-                L.require_array(
-                    "sample", shape=(n_sample, d_mlp), chunks=(per_shard, d_mlp),
-                    dtype="float16", fill_value=0.0, compressors=None,
-                )  # fmt: skip
+                # uncompressed: float16 activations barely compress, and shards write fast
+                _array(L, "sample", shape=(n_sample, d_mlp), chunks=(per_shard, d_mlp),
+                       dtype="float16", fill_value=0.0, compressors=[])  # fmt: skip
 
     @routed
     def write_layer_stats(self, model: str, layer: int, stats: Mapping[str, np.ndarray],
@@ -155,7 +188,7 @@ class Store(Atlas):
         """Weight-derived neuron properties and labels (models/<m>/layers/<L>/props/...)."""
         g = self.layer_group(model, layer).require_group("props")
         for k, v in arrays.items():
-            g.create_array(k, data=np.asarray(v), overwrite=True)
+            _array(g, k, v, replace=True)
 
     @routed
     def write_sample(self, model: str, layer: int, shard: int, rows: np.ndarray) -> None:
@@ -249,13 +282,13 @@ class Store(Atlas):
                                                if not k.startswith(prefix)}  # fmt: skip
         g = mg.create_group(run)
         for k, v in weights.items():
-            g.create_array(k, data=np.asarray(v))
+            _array(g, k, v)
         st = g.create_group("stats")
         for k, v in stats.items():
-            st.create_array(k, data=np.asarray(v))
+            _array(st, k, v, unit="feature")
         tk = g.create_group("topk")
-        tk.create_array("values", data=np.asarray(top_values, np.float32))
-        tk.create_array("positions", data=np.asarray(top_positions, np.int64))
+        _array(tk, "values", np.asarray(top_values, np.float32), unit="feature")
+        _array(tk, "positions", np.asarray(top_positions, np.int64), unit="feature")
         g.attrs.update(dict(attrs))
 
     @routed
@@ -265,9 +298,7 @@ class Store(Atlas):
         g = self.layer_group(model, layer).require_group("steering")
         for key, vec in (directions or {}).items():
             name = key.replace("/", "__")
-            if name in g:
-                del g[name]
-            g.create_array(name, data=np.asarray(vec, np.float32))
+            _array(g, name, np.asarray(vec, np.float32), replace=True)
         stored = dict(g.attrs.get("results", {}))
         stored.update({k: jsonable(dict(v)) for k, v in results.items()})
         g.attrs["results"] = stored
@@ -278,11 +309,11 @@ class Store(Atlas):
                    matching: Mapping[str, np.ndarray] | None, attrs: Mapping[str, Any]) -> None:  # fmt: skip
         g = self.root.require_group(UNIVERSALITY).require_group(pair_key(a, b))
         for k, v in arrays.items():
-            g.create_array(k, data=np.asarray(v), overwrite=True)
+            _array(g, k, v, replace=True)
         if matching:
             m = g.require_group("matching")
             for k, v in matching.items():
-                m.create_array(k, data=np.asarray(v), overwrite=True)
+                _array(m, k, v, replace=True)
         g.attrs.update(dict(attrs))
 
     def write_summary(self, model: str, layer: int, arrays: Mapping[str, np.ndarray],
@@ -290,5 +321,5 @@ class Store(Atlas):
         g = self.root.require_group(UNIVERSALITY).require_group("summary").require_group(model)
         lg = g.require_group(str(layer))
         for k, v in arrays.items():
-            lg.create_array(k, data=np.asarray(v), overwrite=True)
+            _array(lg, k, v, replace=True)
         g.attrs.update(dict(attrs))

@@ -12,6 +12,7 @@ from ops.stats import hist_spec
 from storage.atlas import Atlas
 from storage.errors import AtlasError
 from storage.layout import STAT_NAMES
+from storage.integrity import ChunkError
 from storage.store import Store
 
 # ---------------------------------------------------------------------------- toy atlas
@@ -93,6 +94,11 @@ MODEL_ATTRS = {
 }
 
 
+SAMPLE_ROWS = {0: np.array([[0.5, -1.0, 2.0], [1.5, 0.0, -0.25]]),
+               1: np.array([[3.0, 0.125, -2.0], [0.0, 4.0, 1.0]])}  # fmt: skip
+PROPS = {"norm_out": np.array([1.0, 2.0, 0.5])}
+
+
 def build_atlas(path: str | Path) -> Atlas:
     """A complete 2-layer model ``toy`` and an initialised but incomplete model ``half``."""
     atlas = Store.create(path, {"tokenizer": "toy-tok", "code_version": "test"})
@@ -113,6 +119,9 @@ def build_atlas(path: str | Path) -> Atlas:
                          hist_edges=edges, sample_layers=[1])  # fmt: skip
     for layer in (0, 1):
         atlas.write_layer_stats(MODEL, layer, STATS[layer], *TOPK[layer])
+    for shard in (0, 1):  # a complete model has every shard's sample rows
+        atlas.write_sample(MODEL, 1, shard, SAMPLE_ROWS[shard])
+    atlas.write_props(MODEL, 0, PROPS)
     atlas.model_group(MODEL).attrs.update({"complete": True})
     return atlas
 
@@ -257,8 +266,8 @@ def test_decode_reassembles_split_utf8(ro: Atlas) -> None:
 # ---------------------------------------------------------------------------- models
 
 
-def test_init_model_presizes_with_fill_values(ro: Atlas) -> None:
-    L = ro.model_group(INCOMPLETE)["layers"]["0"]
+def test_init_model_presizes_with_fill_values(built: str) -> None:
+    L = Store.open(built).model_group(INCOMPLETE)["layers"]["0"]  # writers see fill values
     assert L["stats"]["mean"].shape == (D_MLP,)
     assert L["stats"]["hist"].shape == (D_MLP, BINS)
     assert np.isnan(L["stats"]["mean"][:]).all()
@@ -269,7 +278,14 @@ def test_init_model_presizes_with_fill_values(ro: Atlas) -> None:
     np.testing.assert_array_equal(L["stats"]["hist_edges"][:], hist_spec(BINS).edges())
     # the sample only exists on the sample layers
     assert "sample" not in L
-    assert ro.model_group(INCOMPLETE)["layers"]["1"]["sample"].shape == (4, D_MLP)
+    assert L.basename == "0" and Atlas.open(built).model_group(INCOMPLETE)["layers"]["1"][
+        "sample"].shape == (4, D_MLP)  # fmt: skip
+
+
+def test_queries_refuse_unwritten_chunks(ro: Atlas) -> None:
+    """An unwritten region is an error for queries, never its fill value."""
+    with pytest.raises(ChunkError, match=r"chunk models/half/layers/0/stats/mean/c/0 .* missing"):
+        ro.model_group(INCOMPLETE)["layers"]["0"]["stats"]["mean"][:]
 
 
 def test_init_model_twice_keeps_written_data(rw: Atlas) -> None:
@@ -423,14 +439,16 @@ def test_info_without_corpus(tmp_path: Path) -> None:
 
 
 def test_write_sample_writes_exactly_one_shard(rw: Atlas) -> None:
+    MODEL = INCOMPLETE  # noqa: N806 (its sample is not written yet)
     arr = rw.model_group(MODEL)["layers"]["1"]["sample"]
     assert arr.dtype == np.float16
     assert arr.chunks == (2, D_MLP)
     rows = np.array([[1.5, -2.0, 3.0], [0.25, 8.0, -0.5]], dtype=np.float32)
     rw.write_sample(MODEL, 1, 1, rows)
-    sample = Atlas.open(rw.path).model_group(MODEL)["layers"]["1"]["sample"][:]
-    np.testing.assert_array_equal(sample[2:4], rows.astype(np.float16))
-    np.testing.assert_array_equal(sample[:2], np.zeros((2, D_MLP), np.float16))
+    ro = Atlas.open(rw.path).model_group(MODEL)["layers"]["1"]["sample"]
+    np.testing.assert_array_equal(ro[2:4], rows.astype(np.float16))
+    with pytest.raises(ChunkError, match="sample/c/0/0 .* missing"):  # shard 0 not written yet
+        ro[:2]
     rw.write_sample(MODEL, 1, 0, rows[::-1])
     sample = rw.model_group(MODEL)["layers"]["1"]["sample"][:]
     np.testing.assert_array_equal(sample, np.concatenate([rows[::-1], rows]).astype(np.float16))
