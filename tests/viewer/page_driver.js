@@ -51,7 +51,7 @@ const document = {
 // has had a tick to render (not a fixed sleep: a loaded CI machine can take longer per answer)
 let inflight = 0;
 const tracked = (p) => { inflight++; return p.finally(() => { inflight--; }); };
-const fetchAbs = (url) => tracked(fetch(new URL(url, baseUrl)).then((r) => ({
+const fetchAbs = (url, opts) => tracked(fetch(new URL(url, baseUrl), opts).then((r) => ({
   ok: r.ok, status: r.status, statusText: r.statusText, json: () => tracked(r.json()),
 })));
 const settle = async () => {
@@ -63,7 +63,9 @@ const settle = async () => {
 };
 
 (async () => {
-  vm.runInNewContext(script, { document, fetch: fetchAbs, console, setTimeout, URL });
+  // location: the page's own URL (BASE_URL may carry ?token=, as a browser's address would)
+  vm.runInNewContext(script, { document, fetch: fetchAbs, console, setTimeout, URL, URLSearchParams,
+                               location: new URL(baseUrl) });
   const out = {};
   await settle();
   out.models = getById("model").innerHTML;
