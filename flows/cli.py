@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import unicodedata
@@ -17,16 +18,27 @@ from typing import Any
 # Defaults that keep a laptop run quiet and offline; explicit settings win.
 for _k, _v in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    # a fresh Prefect database on a busy 2-core machine outlasts Prefect's 20 s default
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(_k, _v)
+# A local run keeps Ray on loopback (else it advertises the VM's address). Ray reads this at
+# import, and it also turns joining a multi-node cluster off: so only when no cluster is named.
+if not os.environ.get("RAY_ADDRESS") and "--ray-address" not in " ".join(sys.argv):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import numpy as np  # noqa: E402
 
-from flows.config import JobConfigError, SteeringConfig, load_job  # noqa: E402
+from flows.config import (  # noqa: E402
+    JobConfigError,
+    SteeringConfig,
+    load_job,
+    valid_model_name,
+    with_options,
+)
 from ops.errors import NeuronmapError  # noqa: E402
 from storage.atlas import Atlas, AtlasError  # noqa: E402
 
@@ -66,19 +78,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:  # refused before Prefect or Ray start
         raise JobConfigError("--resume and --overwrite contradict each other; pick one")
     job = load_job(args.job, atlas=args.atlas)
-    if args.workers or args.ray_address:
-        res = job.resources.model_copy(
-            update={
-                k: v
-                for k, v in {"workers": args.workers, "ray_address": args.ray_address}.items()
-                if v
-            }  # fmt: skip
-        )
-        job = job.model_copy(update={"resources": res})
+    flags = {"workers": args.workers, "ray_address": args.ray_address}
+    res = {k: v for k, v in flags.items() if v is not None}
+    if res:  # validated like the job file: --workers 0 or -1 is refused, naming the field
+        shown_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in res.items())
+        job = with_options(job, f"with options {shown_flags}", resources=res)
+    from flows.preflight import preflight
+
+    preflight(job, resume=args.resume, overwrite=args.overwrite)  # before Prefect and Ray
+    if args.break_lease:
+        from storage.lease import break_lease
+
+        held = break_lease(job.atlas)
+        print(f"removed the lease of {job.atlas}" + (f" held by pid {held.get('pid')} on "
+              f"{held.get('host')}" if held else " (there was none)"), file=sys.stderr)  # fmt: skip
     from flows.pipeline import map_neurons
 
     out = map_neurons(job, resume=args.resume, overwrite=args.overwrite)
-    path = os.path.abspath(job.atlas)
+    from storage.location import shown as shown_location
+
+    path = shown_location(job.atlas)  # a URL stays a URL
     print(f"\natlas: {path}")
     for row in out["models"]:
         tps = f"{row['tok_s']:,.0f} tok/s" if row.get("tok_s") else "already complete"
@@ -104,6 +123,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"atlas {info['path']}  (schema {info['schema_version']}, updated {info['updated']})")
+    if not info["complete"]:
+        pending = ", ".join(info["pending"]) or "the last run did not finish"
+        print(f"job: INCOMPLETE ({pending}); continue with `neuronmap run JOB --resume`")
     c = info.get("corpus")
     if c:
         print(f"corpus: {c['n_tokens']:,} tokens in {c['n_sequences']:,} x {c['seq_len']} "
@@ -136,6 +158,27 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 SHOWN = ("l0", "fvu", "dead_fraction", "ce_recovered", "rel_error")
 """Dictionary metrics ``neuronmap info`` prints (``--json`` has them all)."""
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every chunk is present and matches its checksum, 1 when not."""
+    from storage.integrity import verify
+
+    Atlas.open(args.atlas)  # a clear error for a path that holds no atlas
+    rep = verify(args.atlas)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0 if rep["ok"] else 1
+    for kind in ("missing", "corrupt", "unexpected"):
+        for item in rep[kind]:
+            print(f"{kind:<10} {shown(item)}")
+    if rep["unchecked"]:
+        print(f"{len(rep['unchecked'])} arrays have no checksum (written by an older "
+              "neuronmap): their chunks were not checked")  # fmt: skip
+    bad = sum(len(rep[k]) for k in ("missing", "corrupt", "unexpected"))
+    print(f"{rep['path']}: {rep['arrays']} arrays, {rep['chunks']} chunks checked: "
+          + ("ok" if rep["ok"] else f"{bad} problems"))
+    return 0 if rep["ok"] else 1
 
 
 def cmd_neuron(args: argparse.Namespace) -> int:
@@ -252,13 +295,76 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    """Serve the viewer. It stays on this machine unless --allow-remote says otherwise, and a
+    remote viewer without a token is served only with a warning: it exposes the whole atlas."""
+    import ipaddress
+
     import uvicorn
 
-    from viewer.app import create_app
+    from ops.errors import ConfigError
+    from viewer.app import ViewerConfigError, create_app, host_header_name, is_loopback
 
-    app = create_app(args.atlas)  # opens the atlas first: a bad path fails before serving
-    print(f"neuronmap viewer: http://{args.host}:{args.port}/  (API docs at /api/docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # an empty --token is refused (by create_app); an empty variable counts as unset
+    token = args.token if args.token is not None else os.environ.get("NEURONMAP_VIEW_TOKEN") or None
+    try:
+        wildcard = ipaddress.ip_address(args.host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not is_loopback(args.host):
+        if not args.allow_remote:
+            raise ConfigError(f"--host {args.host} serves the atlas beyond this machine; "
+                              "add --allow-remote (and a --token) if that is meant")  # fmt: skip
+        if token is None:
+            print(f"neuronmap: warning: no --token: anyone who can reach port {args.port} on "
+                  f"{args.host} can read the whole atlas", file=sys.stderr)  # fmt: skip
+        if wildcard and not args.allowed_host:
+            print("neuronmap: warning: only loopback Host names are accepted; add "
+                  "--allowed-host NAME for each name clients use to reach this machine",
+                  file=sys.stderr)  # fmt: skip
+    # a wildcard bind address is no name a client sends as its Host header
+    hosts = ([] if wildcard else [args.host]) + list(args.allowed_host)
+    # opens the atlas first: a bad path fails before serving
+    try:
+        app = create_app(args.atlas, token=token, allowed_hosts=hosts)
+    except ViewerConfigError as e:
+        raise ConfigError(str(e)) from None
+    shown_host = "127.0.0.1" if wildcard else host_header_name(args.host)
+    query = "?token=<token>" if token else ""
+    print(f"neuronmap viewer: http://{shown_host}:{args.port}/{query}  (API docs at /api/docs)")
+    uvicorn.run(app, host=args.host.strip("[]"), port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deployment import deploy, parse_env
+
+    d = deploy(args.job, args.name, cron=args.cron, interval=args.interval, pool=args.pool,
+               timezone=args.timezone, env=parse_env(args.env))  # fmt: skip
+    made = " (process pool created)" if d["pool_created"] else ""
+    print(f"deployment {d['name']} ({d['id']}): {d['schedule']}, pool {d['pool']}{made}")
+    print(f"atlas: {d['atlas']}; runs never overlap and continue where the last one stopped")
+    print(f"runs start once a worker of the pool is up:  prefect worker start --pool {d['pool']}")
+    print(f"run it now:  prefect deployment run '{d['name']}'")
+    return 0
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    from flows.deployment import list_deployments
+
+    rows = list_deployments()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no deployments of map_neurons (create one with `neuronmap deploy JOB --name NAME`)")
+        return 0
+    for r in rows:
+        nxt = "paused" if r["paused"] else (r["next_run"] or "-")
+        if r["next_run"] and r["next_state"] not in (None, "Scheduled"):
+            nxt += f" ({r['next_state']})"
+        last = f"{r['last_state']} ({r['last_run']}, {r['last_start']})" if r["last_run"] else "-"
+        print(f"{r['name']}  [{r['schedule']}]  pool {r['pool']}  atlas {r['atlas']}")
+        print(f"  next run: {nxt}   last run: {last}")
     return 0
 
 
@@ -298,40 +404,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing atlas (built beside it, swapped in on success)")
     r.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     r.add_argument("--workers", type=int, help="number of Ray model workers")
+    r.add_argument("--break-lease", action="store_true",
+                   help="remove the lease a killed run left on an object-store atlas (only "
+                        "when that run is known to be gone)")  # fmt: skip
     r.set_defaults(fn=cmd_run)
     i = sub.add_parser("info", help="summarise an atlas")
     i.add_argument("atlas")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
+    ve = sub.add_parser("verify", help="check every chunk of an atlas (missing, corrupt, "
+                        "unexpected); exit 1 when any is found")  # fmt: skip
+    ve.add_argument("atlas")
+    ve.add_argument("--json", action="store_true")
+    ve.set_defaults(fn=cmd_verify)
     n = sub.add_parser("neuron", help="one neuron's statistics and top examples")
     n.add_argument("atlas")
-    n.add_argument("model")
+    n.add_argument("model", type=model_name)
     n.add_argument("layer", type=int)
     n.add_argument("index", type=int)
-    n.add_argument("--k", type=int, default=None, help="number of examples (default all)")
+    n.add_argument("--k", type=positive_int, default=None,
+                   help="number of examples (default all)")  # fmt: skip
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=cmd_neuron)
     u = sub.add_parser("universal", help="universal neurons (cross-seed correlations)")
     u.add_argument("atlas")
-    u.add_argument("--model", help="only this model")
-    u.add_argument("--top", type=int, default=20, help="how many neurons to list")
+    u.add_argument("--model", type=model_name, help="only this model")
+    u.add_argument("--top", type=positive_int, default=20, help="how many neurons to list")
     u.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_universal)
     f = sub.add_parser("features", help="SAE / SNMF features of a layer")
     f.add_argument("atlas")
-    f.add_argument("model")
+    f.add_argument("model", type=model_name)
     f.add_argument("layer", type=int)
     f.add_argument("--method", choices=["sae", "snmf"], required=True)
     f.add_argument("--run", help="run name (default: the only run)")
     f.add_argument("--feature", type=int, help="one feature (default: the strongest --top)")
-    f.add_argument("--top", type=int, default=5, help="features listed without --feature")
-    f.add_argument("--k", type=int, default=5, help="examples per feature")
+    f.add_argument("--top", type=positive_int, default=5,
+                   help="features listed without --feature")  # fmt: skip
+    f.add_argument("--k", type=positive_int, default=5, help="examples per feature")
     f.add_argument("--json", action="store_true")
     f.set_defaults(fn=cmd_features)
     st = sub.add_parser("steer", help="steer along a feature (or a contrast) at a target KL; "
                         "the result is stored in the atlas")  # fmt: skip
     st.add_argument("atlas")
-    st.add_argument("model")
+    st.add_argument("model", type=model_name)
     st.add_argument("layer", type=int)
     st.add_argument("--method", choices=["sae", "snmf"], help="dictionary of --feature")
     st.add_argument("--run", help="run name (default: the only run)")
@@ -349,19 +465,81 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_steer)
     v = sub.add_parser("view", help="browse an atlas in the web viewer")
     v.add_argument("atlas")
-    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; any other needs --allow-remote)")  # fmt: skip
     v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token", help="require this token on every API request (default: "
+                   "$NEURONMAP_VIEW_TOKEN); open the page as /?token=<token>")  # fmt: skip
+    v.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other than loopback (serves the atlas to the network)")  # fmt: skip
+    v.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header name to accept besides loopback and --host (repeatable; "
+                   "a DNS rebinding defence)")  # fmt: skip
     v.set_defaults(fn=cmd_view)
+    dp = sub.add_parser("deploy", help="schedule a job on a Prefect server: a deployment of "
+                        "map_neurons that a `prefect worker` of the pool runs")  # fmt: skip
+    dp.add_argument("job", help="job YAML file (its relative paths are made absolute here)")
+    dp.add_argument("--name", required=True, help="deployment name (map_neurons/NAME)")
+    when = dp.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="cron schedule, e.g. '0 2 * * *' (default: no schedule, "
+                      "runs on demand only)")  # fmt: skip
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
+    dp.add_argument("--pool", default="neuronmap",
+                    help="work pool (default neuronmap; a process pool is created if missing)")  # fmt: skip
+    dp.add_argument("--timezone", help="timezone of the schedule (default UTC)")
+    dp.add_argument("--env", action="append", metavar="KEY=VALUE",
+                    help="environment of the runs, e.g. RAY_ADDRESS=ray://head:10001 (repeatable)")  # fmt: skip
+    dp.set_defaults(fn=cmd_deploy)
+    ds = sub.add_parser("deployments", help="scheduled jobs: schedule, next run, last state")
+    ds.add_argument("--json", action="store_true")
+    ds.set_defaults(fn=cmd_deployments)
     return p
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted ``run`` says: the command that continues it."""
+    cmd = ["neuronmap", "run", *([args.job] if args.job else [])]
+    for flag, value in (("--atlas", args.atlas), ("--ray-address", args.ray_address),
+                        ("--workers", args.workers)):  # fmt: skip
+        cmd += [flag, str(value)] if value is not None else []
+    if args.overwrite:  # the atlas it was replacing is untouched; a partial one is rebuilt
+        return f"interrupted; start over with `{shlex.join([*cmd, '--overwrite'])}`"
+    return f"interrupted; continue with `{shlex.join([*cmd, '--resume'])}`"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts: ``--k -1`` must not silently mean 'all but the last'."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def model_name(text: str) -> str:
+    """An argparse type for a model argument: a name an atlas can hold (``..`` is not)."""
+    try:
+        return valid_model_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad input (a user error) is one line on stderr and exit status 2, never
+    a traceback; Ctrl-C is exit status 130 (for ``run``, with the command that continues it);
+    any other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (NeuronmapError, AtlasError) as e:
         print(f"neuronmap: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command == "run":
+            print(f"\nneuronmap: {_interrupted(args)}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `neuronmap info ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

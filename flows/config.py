@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ops.configs import ARCHITECTURES, SAEConfig, SNMFConfig, SteeringSearch
+from ops.corpus import MIN_TOKENS
 from ops.errors import NeuronmapError
 
 DEFAULT_JOB = Path(__file__).with_name("default_job.yaml")
@@ -60,6 +61,18 @@ class CorpusConfig(_Strict):
     source_field: str = Field("source", description="Sub-corpus label column/field, optional.")
     seed: int = Field(0, description="Seed of the document order of the bundled corpus.")
 
+    @model_validator(mode="after")
+    def _room_after_bos(self) -> CorpusConfig:
+        # tokenize_documents keeps a sequence only with >= MIN_TOKENS real tokens: a seq_len
+        # without room for them after BOS would tokenize the whole corpus, then keep nothing
+        if self.prepend_bos and self.seq_len < MIN_TOKENS + 1:
+            raise ValueError(
+                f"seq_len {self.seq_len} leaves no room: with prepend_bos one position is BOS "
+                f"and a sequence needs {MIN_TOKENS} real tokens, so seq_len must be >= "
+                f"{MIN_TOKENS + 1} (or set prepend_bos: false)"
+            )
+        return self
+
 
 class ModelConfig(_Strict):
     name: str = Field(description="Name of the model inside the atlas (models/<name>/...).")
@@ -75,12 +88,18 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_a_path_segment(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", v) or "--" in v:
-            raise ValueError(
-                f"model name {v!r} must be letters, digits, '_', '.', '-' (no '--'): "
-                "it becomes a Zarr group name"
-            )
-        return v
+        return valid_model_name(v)
+
+
+def valid_model_name(v: str) -> str:
+    """``v`` when it can name a model in an atlas, else ``ValueError`` (also for the model
+    arguments of the query commands: ``..`` must not reach the store as a path)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", v) or "--" in v:
+        raise ValueError(
+            f"model name {v!r} must be letters, digits, '_', '.', '-' (no '--'): "
+            "it becomes a Zarr group name"
+        )
+    return v
 
 
 class RecordConfig(_Strict):
@@ -130,6 +149,10 @@ class ResourcesConfig(_Strict):
         None, description="Ray cluster address; None = $RAY_ADDRESS or an in-process cluster."
     )
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a crashed worker actor.")
+    scale_down: bool = Field(
+        False, description="When the cluster cannot place `workers` actors: run with as many "
+        "as fit (with a warning) instead of failing before any work is queued.",
+    )  # fmt: skip
 
 
 class SeedsConfig(_Strict):
@@ -321,7 +344,7 @@ class DictionariesConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    atlas: str = Field("./atlas.zarr", description="Atlas directory (Zarr v3).")
+    atlas: str = Field("./atlas.zarr", min_length=1, description="Atlas directory (Zarr v3).")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     models: list[ModelConfig] = Field(min_length=1, description="Models to map.")
     layers: Literal["all"] | list[int] = Field("all", description="Layers to record.")
@@ -422,9 +445,23 @@ def load_job(path: str | Path | None = None, **overrides: Any) -> JobConfig:
     if not p.is_file():
         raise JobConfigError(f"job file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise JobConfigError(f"job file {p} is not UTF-8 text (a YAML job file)") from None
+    except OSError as e:
+        raise JobConfigError(f"cannot read job file {p}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise JobConfigError(f"job file {p} is not valid YAML: {e}") from None
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_job(data, origin=f"file {p}")
+
+
+def with_options(job: JobConfig, origin: str, **sections: dict[str, Any]) -> JobConfig:
+    """``job`` with ``sections`` merged in (``resources={"workers": 4}``) and validated like
+    a job file, so a command-line option gets the same checks and an error naming its field
+    (``model_copy`` would take ``--workers -1`` unchecked)."""
+    data = job.model_dump(exclude_unset=True)
+    for key, values in sections.items():
+        data[key] = {**data.get(key, {}), **values}
+    return parse_job(data, origin=origin)

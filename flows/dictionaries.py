@@ -32,7 +32,17 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import DictionariesConfig, JobConfig, SAERunConfig
-from flows.engine import Accounting, Ledger, Shard, Stage, ensure_ray, get, run_stage, stream_stage
+from flows.engine import (
+    Accounting,
+    Ledger,
+    Shard,
+    Stage,
+    ensure_ray,
+    get,
+    run_stage,
+    stream_stage,
+    worker_env,
+)
 from flows.snmf import fit_snmf_on_ray
 from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
@@ -42,6 +52,7 @@ from ops.engine import ActivationFeed, Consumer, FeatureStats
 from ops.stats import StatsPartial, finalize, hist_spec
 from storage.atlas import Atlas
 from storage.layout import contrast_key, steering_key
+from storage.location import scratch_dir
 from storage.store import Store
 
 
@@ -66,7 +77,7 @@ def dictionaries_fingerprint(dcfg: DictionariesConfig, model_fingerprint: str) -
 def checkpoint_path(atlas_path: str, run: SAERunConfig, key: str) -> Path:
     """Where an SAE run checkpoints: keyed by the stage key, so a changed config never
     resumes an old run (the record stage finds a fused streamed run's checkpoint here too)."""
-    return Path(atlas_path) / "_work" / "dictionaries" / f"sae-{run.name}-{key}.pt"
+    return scratch_dir(atlas_path) / "dictionaries" / f"sae-{run.name}-{key}.pt"
 
 
 # ------------------------------------------------------------------ SAE
@@ -328,8 +339,8 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
     positions = np.concatenate([p for _, _, p in shards])
     ensure_ray(job.resources.ray_address, job.resources.workers)
     ckpt = {run.name: str(checkpoint_path(job.atlas, run, fp)) for run in dcfg.sae}
-    Path(job.atlas, "_work", "dictionaries").mkdir(parents=True, exist_ok=True)
-    sae_refs = {run.name: _train_sae.remote(job.atlas, model, layer, run, ckpt[run.name])
+    (scratch_dir(job.atlas) / "dictionaries").mkdir(parents=True, exist_ok=True)
+    sae_refs = {run.name: _train_sae.options(**worker_env()).remote(job.atlas, model, layer, run, ckpt[run.name])
                 for run in dcfg.sae if run.source == "sample"}  # fmt: skip
     # a streamed run the record stage already trained (sharing its pass) just loads here
     streamed = {run.name: train_sae_streamed(job, model, layer, run, ckpt[run.name], x,
@@ -359,7 +370,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
             for i in np.argsort(-st["mean"], kind="stable")[: steering.features]:
                 steer_dirs[steering_key(method, run, int(i))] = dirs[key][int(i)]
     acct = Accounting("dictionaries/measures", corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
-    measures = get(_model_measures.remote(
+    measures = get(_model_measures.options(**worker_env()).remote(
         job, dcfg, dirs, {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
     acct.add(measures.pop("cost"))
     if ledger is not None:
@@ -393,7 +404,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
         for key, res in measures["steering"].items():
             log.info("steering %s: alpha_rel %.3g kl %.3f", key, res["alpha_rel"], res["kl"])
     atlas.mark("dictionaries", fp, complete=True)
-    shutil.rmtree(Path(job.atlas, "_work", "dictionaries"), ignore_errors=True)
+    shutil.rmtree(scratch_dir(job.atlas) / "dictionaries", ignore_errors=True)
     atlas.touch()
     return stored_summary(atlas, model, layer)
 

@@ -13,6 +13,7 @@ same way for every stage. A new analysis is a consumer (``ops``) plus a stage de
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -26,9 +27,10 @@ from tqdm.auto import tqdm
 
 from flows.config import ModelConfig, ResourcesConfig
 from ops.engine import ActivationPass, Consumer, batches
-from ops.errors import NeuronmapError
+from ops.errors import ConfigError, NeuronmapError
 from ops.models import LoadedModel, load_model
 from storage.atlas import Atlas, AtlasError
+from storage.location import storage_env
 from storage.store import Store
 
 
@@ -37,12 +39,19 @@ def ensure_ray(address: str | None, workers: int) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=True)  # fmt: skip
+
+
+def worker_env() -> dict[str, Any]:
+    """Ray options handing this process's object-store settings (credentials, endpoint:
+    ``storage.location.STORAGE_ENV``) to a task or actor, so that workers on any node reach
+    the atlas the driver reaches. Empty when there are none (a local atlas)."""
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def worker_model(model: ModelConfig, device: str | None = None) -> LoadedModel:
@@ -110,13 +119,17 @@ class PassWorker:
             torch.set_num_threads(threads)
         self.stage = stage
         self.failed: Exception | None = None
+        # Bad input met while setting up (a model that does not load, a stage setup that
+        # refuses it, an unreadable atlas) is reported by ready() as itself: raised here it
+        # would kill the actor, and Ray would restart it and Prefect retry the task, only to
+        # end in an ActorDiedError that hides the message.
         try:
             self.models = [worker_model(m, device) for m in stage.models]
-        except (NeuronmapError, AtlasError) as e:  # bad input: reported by ready(), not retried
+            self.setup = stage.setup(self.models) if stage.setup is not None else None
+            self.atlas = Store.open(atlas_path)
+        except (NeuronmapError, AtlasError) as e:
             self.failed = e
             return
-        self.setup = stage.setup(self.models) if stage.setup is not None else None
-        self.atlas = Store.open(atlas_path)
         self.engine = ActivationPass(self.models)
         dev = self.models[0].device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
@@ -192,6 +205,25 @@ def bounded(items: Sequence[Any], submit: Callable[[int, Any], Any], slots: int,
             ray.cancel(ref)  # actors are killed by their owner; this drops queued work
 
 
+def placeable(n: int, gpus: bool, scale_down: bool) -> int:
+    """How many one-CPU (or one-GPU) worker actors to start: ``n``, checked against what the
+    cluster has before any work is queued (an actor that can never be placed would leave the
+    stage waiting at 0 shards forever). Fewer, with a warning, under ``scale_down``."""
+    kind = "GPU" if gpus else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if n <= have:
+        return n
+    if scale_down and have >= 1:
+        logging.getLogger("neuronmap").warning(
+            "the Ray cluster has %d %ss: running %d workers instead of %d", have, kind, have, n)
+        return have
+    raise ConfigError(
+        f"field 'resources.workers': {n} workers need {n} {kind}s but the Ray cluster has "
+        f"{have}; lower resources.workers (--workers), add nodes, or set "
+        "resources.scale_down: true to run with what fits"
+    )
+
+
 def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
                resources: ResourcesConfig, ordered: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Run ``shards`` of ``stage`` on ``resources.workers`` :class:`PassWorker` actors and yield
@@ -203,7 +235,7 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
     gpus = resources.gpus
     if gpus == "auto":
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    n = max(1, min(resources.workers, len(shards)))
+    n = placeable(max(1, min(resources.workers, len(shards))), bool(gpus), resources.scale_down)
     opts: dict[str, Any] = {
         "max_restarts": resources.max_restarts,
         "max_task_retries": resources.max_restarts,  # a shard is idempotent: safe to redo
@@ -211,7 +243,7 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
         "num_gpus": 1 if gpus else 0,
     }
     device, threads = ("cuda", None) if gpus else ("cpu", 1)
-    actors = [PassWorker.options(**opts).remote(stage, atlas_path, device, threads)
+    actors = [PassWorker.options(**opts, **worker_env()).remote(stage, atlas_path, device, threads)
               for _ in range(n)]  # fmt: skip
     try:
         get([a.ready.remote() for a in actors])  # surface load errors before queueing work
@@ -275,6 +307,18 @@ class Ledger:
 # ------------------------------------------------------------------ the runner
 
 
+def run_logger() -> logging.LoggerAdapter | None:
+    """Prefect's logger of the current flow or task run (what it logs shows in the Prefect UI
+    and API), or None outside a run."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return None
+
+
 class StageRun:
     """One run of a stage: iterate it to get each shard's result as it lands (``ordered``:
     in shard order), or call :meth:`finish` to run it to the end. Shards already in the
@@ -303,12 +347,18 @@ class StageRun:
         todo = [s for s in range(n_shards) if s not in done]
         acct = Accounting(stage.name, corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
         bar = tqdm(total=len(todo), desc=stage.description or stage.name, unit="shard")
+        log = run_logger()  # the bar goes to stderr only; these lines reach Prefect's logs
         try:
-            for out in iter_stage(stage, self.path, todo, self.resources, self.ordered):
+            for i, out in enumerate(iter_stage(stage, self.path, todo, self.resources,
+                                               self.ordered), 1):  # fmt: skip
                 atlas.mark(stage.name, stage.key, [out["shard"]])
                 acct.add(out)
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{acct.tokens / acct.elapsed():,.0f}")
+                if log is not None:
+                    log.info("%s: shard %d/%d done (%s tok/s)", stage.name,
+                             n_shards - len(todo) + i, n_shards,
+                             f"{acct.tokens / acct.elapsed():,.0f}")  # fmt: skip
                 yield out
         finally:
             bar.close()

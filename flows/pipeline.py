@@ -29,16 +29,22 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
+from flows.config import JobConfig, ModelConfig, UniversalityConfig
 from flows.dictionaries import learn_dictionaries
 from flows.engine import Ledger
+from flows.local_server import install as install_local_server
+from flows.preflight import preflight
 from flows.prepare import prepare_corpus, prepare_model, staging_path, swap_in
 from flows.record import model_properties, record_model
 from flows.seeds import train_seeds
 from flows.universality import record_family, universality
-from storage.atlas import Atlas
+from storage.atlas import Atlas, AtlasError
 from storage.layout import family_path
+from storage.lease import Lease
+from storage.location import is_url
 from storage.store import Store
+
+install_local_server()  # before a flow of this module starts Prefect's temporary server
 
 
 def _summary_markdown(job: JobConfig, rows: list[dict], uni: dict | None, ledger: Ledger) -> str:
@@ -120,10 +126,21 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
     ``overwrite`` builds the new atlas beside an existing one and swaps it in only once the
     whole job has succeeded: a job that fails or is killed leaves the old atlas as it was.
     """
-    if resume and overwrite:
-        raise JobConfigError("--resume and --overwrite contradict each other; pick one")
+    preflight(job, resume=resume, overwrite=overwrite)  # the CLI ran it already: cheap
+    label = f"{', '.join(m.name for m in job.models)} on {job.corpus.source}"
+    with Lease(job.atlas, job=label):  # before the first write; the staging copy included
+        return _replace_or_map(job, resume, overwrite)
+
+
+def _replace_or_map(job: JobConfig, resume: bool, overwrite: bool) -> dict:
+    """Map into ``job.atlas``, or with ``overwrite`` into a staging copy swapped in at the end."""
     if not (overwrite and Atlas.exists(job.atlas)):
         return _map(job, resume, overwrite)
+    if is_url(job.atlas):  # refused before anything is written
+        raise AtlasError(
+            f"--overwrite of {job.atlas}: an object store has no atomic rename to swap a new "
+            "atlas in safely; map into a new URL and delete the old atlas once it is done"
+        )
     staged = staging_path(job.atlas)
     if Path(staged).exists():  # what a failed or killed earlier overwrite left
         Store.remove(staged)
@@ -157,6 +174,7 @@ def _map(job: JobConfig, resume: bool, overwrite: bool) -> dict:
     dicts = None
     if job.dictionaries is not None:
         dicts = learn_dictionaries(job, job.dictionaries, ledger)
+    Store.open(job.atlas).finish(ledger.run)
     create_markdown_artifact(_summary_markdown(job, rows, uni, ledger), key="neuronmap-summary",
                              description=f"map_neurons into {job.atlas}")  # fmt: skip
     return {"atlas": job.atlas, "corpus_tokens": corpus["n_tokens"], "models": rows,

@@ -6,12 +6,12 @@ arrays. Everything that can fail on bad input runs here, before any recording.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prefect import get_run_logger, task
 
 import flows
 from flows.config import JobConfig, JobConfigError, ModelConfig
+from flows.preflight import check_atlas, corpus_fingerprint, resolve_layers
 from flows.tasks import TASK
 from ops.corpus import (
     bundled_documents,
@@ -22,17 +22,10 @@ from ops.corpus import (
 )
 from ops.models import load_tokenizer, model_info
 from ops.stats import hist_spec
-from storage.atlas import Atlas, AtlasError
+from storage.atlas import AtlasError
 from storage.store import Store
 
 # ------------------------------------------------------------------ fingerprints
-
-
-def corpus_fingerprint(job: JobConfig) -> str:
-    return job.fingerprint(
-        "corpus", job.corpus.model_dump_json(), job.models[0].source, str(job.models[0].revision),
-        str(job.record.sample_tokens), str(job.record.seed), flows.__version__,
-    )  # fmt: skip
 
 
 def model_fingerprint(job: JobConfig, model: ModelConfig, layers: list[int]) -> str:
@@ -58,38 +51,6 @@ def swap_in(staged: str, path: str) -> None:
     os.rename(path, old)
     os.rename(staged, path)
     Store.remove(old)
-
-
-def check_atlas(job: JobConfig, resume: bool, overwrite: bool) -> Atlas | None:
-    """The existing atlas this job continues, or None when a new one must be made.
-
-    Writes nothing, so a refused job leaves the existing atlas untouched.
-    """
-    path = job.atlas
-    if not Atlas.exists(path):
-        p = Path(path)
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise AtlasError(f"{path} exists and is not an atlas; refusing to write into it")
-        return None
-    if overwrite:
-        return None
-    atlas = Store.open(path)
-    if atlas.attrs.get("corpus_fingerprint") != corpus_fingerprint(job):
-        raise AtlasError(
-            f"atlas {path} was built from a different corpus, tokenizer or sample "
-            f"(its job: {atlas.attrs.get('job', {}).get('corpus')}); use another --atlas "
-            "or pass --overwrite to replace it"
-        )
-    unfinished = [
-        m.name for m in job.models
-        if m.name in atlas.models and not atlas.model_attrs(m.name).get("complete")
-    ]  # fmt: skip
-    if unfinished and not resume:
-        raise AtlasError(
-            f"atlas {path} has an unfinished run for {unfinished}; pass --resume to "
-            "continue it or --overwrite to start over"
-        )
-    return atlas
 
 
 @task(name="prepare-corpus", **TASK)
@@ -137,28 +98,6 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
     )  # fmt: skip
     log.info("corpus: %d sequences x %d, %d tokens", *tc.tokens.shape, tc.n_tokens)
     return dict(atlas.corpus.attrs)
-
-
-def resolve_layers(
-    job: JobConfig, model: ModelConfig, n_layers: int
-) -> tuple[list[int], list[int]]:
-    """Layers to record and to sample, checked against the model."""
-    layers = list(range(n_layers)) if job.layers == "all" else list(job.layers)
-    bad = [i for i in layers if i >= n_layers]
-    if bad:
-        raise JobConfigError(
-            f"field 'layers': {bad} out of range for model {model.name!r} "
-            f"({model.source}) with {n_layers} layers"
-        )
-    sl = job.record.sample_layers
-    sample = layers if sl == "all" else [i for i in sl if i in layers]
-    if sl != "all" and len(sample) != len(sl):
-        raise JobConfigError(
-            f"field 'record.sample_layers': {sorted(set(sl) - set(layers))} are not recorded layers"
-        )
-    if job.record.sample_tokens == 0:
-        sample = []
-    return layers, sample
 
 
 @task(name="prepare-model", **TASK)

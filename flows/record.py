@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import JobConfig, ModelConfig, SAERunConfig
-from flows.engine import Ledger, Shard, Stage, StageRun, ensure_ray, get, run_stage
+from flows.engine import Ledger, Shard, Stage, StageRun, ensure_ray, get, run_stage, worker_env
 from flows.tasks import TASK
 from ops.engine import ActivationFeed, ActivationSample, Consumer, NeuronStats
 from ops.stats import HistSpec, StatsPartial, finalize, hist_spec, merge_partials, stack_partials
@@ -173,7 +173,7 @@ def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
     if not job.record.properties or atlas.model_attrs(model.name).get("props_complete"):
         return {}
     ensure_ray(job.resources.ray_address, job.resources.workers)
-    ref = _properties.remote(model.source, model.revision, prep["layers"], job.record.top_tokens)
+    ref = _properties.options(**worker_env()).remote(model.source, model.revision, prep["layers"], job.record.top_tokens)
     per_layer = get(ref)
     counts = {}
     for layer, arrays in per_layer.items():

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from flows.config import JobConfig, SNMFRunConfig
-from flows.engine import ensure_ray, get
+from flows.engine import ensure_ray, get, worker_env
 from ops import snmf as snmf_ops
 from storage.atlas import Atlas
 
@@ -86,7 +86,7 @@ def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
     groups = [g.tolist() for g in np.array_split(np.array([s for s, _, _ in shards]),
                                                  min(job.resources.workers, len(shards)))]  # fmt: skip
     counts = {s: len(p) for s, _, p in shards}
-    actors = [SNMFWorker.options(num_cpus=1).remote(job.atlas, model, layer, g, cfg)
+    actors = [SNMFWorker.options(num_cpus=1, **worker_env()).remote(job.atlas, model, layer, g, cfg)
               for g in groups]  # fmt: skip
     try:
         backend = RayShards(actors, [sum(counts[s] for s in g) for g in groups])

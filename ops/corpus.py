@@ -6,6 +6,7 @@ shards to the atlas is the job of `storage/`, scheduling it the job of `flows/`.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import importlib.util
@@ -27,6 +28,10 @@ from ops.errors import CorpusError
 BUNDLED_SOURCES: tuple[str, ...] = ("wiki-en", "wiki-es", "wiki-fr", "shakespeare")
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+
+MIN_TOKENS = 2
+"""Fewest real tokens (BOS not counted) a sequence must hold to be kept: one token has no
+context to predict from."""
 
 # Shakespeare works are cut into documents of about this many characters: long enough for
 # context, short enough that one work does not fill a small token budget on its own.
@@ -236,20 +241,73 @@ def read_documents(
     """
     if txt_mode not in ("file", "blocks"):
         raise CorpusError(f"txt_mode must be 'file' or 'blocks', got {txt_mode!r}")
-    specs: list[str | Path] = [spec] if isinstance(spec, str | Path) else list(spec)
-    if not specs:
-        raise CorpusError("corpus spec is an empty list: give at least one file or directory")
     docs: list[Document] = []
-    for item in specs:
+    for item in _specs(spec):
         if isinstance(item, str) and item.startswith("hf:"):
             docs.extend(_read_hf(item, text_field, source_field))
             continue
-        path = Path(item).expanduser()
-        if not path.exists():
-            raise CorpusError(f"corpus path {str(path)!r} does not exist")
-        for file in _expand(path):
+        for file in _expand(_existing(item)):
             docs.extend(_read_file(file, text_field, source_field, txt_mode))
     return docs
+
+
+def check_corpus(spec: str | Path | Sequence[str | Path], subsets: Sequence[str] | None = None
+                 ) -> None:  # fmt: skip
+    """What can be known about a corpus without reading it, checked in milliseconds: the
+    bundled data is installed and the subsets exist; every file exists, has a known format
+    and starts as one (UTF-8 text, a parquet header); ``hf:`` specs are well formed. A bad
+    corpus then fails before a job starts anything, not after tokenizing. Raises
+    :class:`CorpusError` naming the file."""
+    if spec == "bundled":
+        names = list(BUNDLED_SOURCES) if subsets is None else list(subsets)
+        unknown = [n for n in names if n not in BUNDLED_SOURCES]
+        if unknown or not names:
+            what = f"unknown bundled corpus subset(s) {unknown}" if unknown else "no subset"
+            raise CorpusError(f"{what}; valid: {list(BUNDLED_SOURCES)}")
+        for name in names:
+            if name == "shakespeare":
+                _package_dir(*_SHAKESPEARE_PACKAGE, "texts")
+            else:
+                _package_dir(*_WIKI_PACKAGE, f"data/{_WIKI_FILES[name]}")
+        return
+    for item in _specs(spec):
+        if isinstance(item, str) and item.startswith("hf:"):
+            _hf_spec(item)
+            continue
+        for file in _expand(_existing(item)):
+            _check_head(file)
+
+
+def _specs(spec: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    specs: list[str | Path] = [spec] if isinstance(spec, str | Path) else list(spec)
+    if not specs:
+        raise CorpusError("corpus spec is an empty list: give at least one file or directory")
+    return specs
+
+
+def _existing(item: str | Path) -> Path:
+    path = Path(item).expanduser()
+    if not path.exists():
+        raise CorpusError(f"corpus path {str(path)!r} does not exist")
+    return path
+
+
+def _check_head(path: Path, size: int = 1 << 16) -> None:
+    """The first bytes of a corpus file are what its suffix says: a binary file named .txt,
+    or a text file named .parquet, is refused before anything is tokenized."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size)
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus file {str(path)!r}: {exc.strerror}") from None
+    if path.suffix.lower() == ".parquet":
+        if head[:4] != b"PAR1":
+            raise CorpusError(f"corpus file {str(path)!r} is not a parquet file")
+        return
+    try:  # a multi-byte character cut off at the end of the head is fine
+        codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"corpus file {str(path)!r} is not valid UTF-8: {exc}") from None
 
 
 def _expand(path: Path) -> list[Path]:
@@ -377,16 +435,22 @@ def _rows_to_docs(
     return docs
 
 
-def _read_hf(spec: str, text_field: str, source_field: str) -> list[Document]:
+def _hf_spec(spec: str) -> tuple[str, str]:
+    """(dataset name, split) of an ``hf:NAME[:split]`` spec, once ``datasets`` is known to be
+    installed."""
     parts = spec[3:].split(":")
     if len(parts) > 2 or not parts[0]:
         raise CorpusError(f"bad Hugging Face corpus spec {spec!r}; expected 'hf:NAME[:split]'")
-    name, split = parts[0], (parts[1] if len(parts) == 2 and parts[1] else "train")
     if importlib.util.find_spec("datasets") is None:
         raise CorpusError(
             f"corpus spec {spec!r} needs the 'datasets' package, which is not installed "
             "(pip install datasets); or export the data to .jsonl/.parquet"
         )
+    return parts[0], (parts[1] if len(parts) == 2 and parts[1] else "train")
+
+
+def _read_hf(spec: str, text_field: str, source_field: str) -> list[Document]:
+    name, split = _hf_spec(spec)
     import datasets
 
     try:
@@ -460,7 +524,7 @@ def tokenize_documents(
     seq_len: int,
     max_tokens: int | None,
     prepend_bos: bool = True,
-    min_tokens: int = 2,
+    min_tokens: int = MIN_TOKENS,
 ) -> TokenizedCorpus:
     """Cut each document's tokens into `seq_len` sequences (one document per sequence).
 

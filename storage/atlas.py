@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import zarr
 
+from storage import location
 from storage.errors import AtlasError
 from storage.integrity import open_root
 from storage.layout import (
@@ -86,7 +87,7 @@ class Atlas:
     def open(cls, path: str | Path) -> Any:
         """Open an existing atlas (the query API reads; :class:`storage.store.Store` writes)."""
         p = str(path)
-        if "://" not in p and not (Path(p) / "zarr.json").is_file():
+        if not location.exists(p):
             raise AtlasError(f"no atlas at {p} (no zarr.json): run `neuronmap run` first")
         try:
             root = open_root(p, cls.MODE)
@@ -101,7 +102,8 @@ class Atlas:
 
     @staticmethod
     def exists(path: str | Path) -> bool:
-        return (Path(path) / "zarr.json").is_file()
+        """Whether an atlas is at ``path`` (a directory or an object-store URL)."""
+        return location.exists(path)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -534,7 +536,7 @@ class Atlas:
         a = self.attrs
         out: dict[str, Any] = {
             "path": self.path,
-            "complete": bool(a.get("complete")),
+            "complete": False,  # below: finished, and nothing started since is pending
             "pending": self.pending(),
             "schema_version": a.get("schema_version"),
             "created": a.get("created"),
@@ -572,6 +574,7 @@ class Atlas:
             dicts = self.dictionary_overview(m)
             if dicts:
                 out["models"][m]["dictionaries"] = dicts
+        out["complete"] = bool(a.get("complete")) and not out["pending"]
         if self.families:
             out["families"] = {f: self.family(f).info() for f in self.families}
         if UNIVERSALITY in self.root:

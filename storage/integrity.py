@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import google_crc32c
@@ -79,7 +78,10 @@ def has_checksum(meta: dict[str, Any]) -> bool:
 def base_store(path: str, read_only: bool) -> Store:
     """The Zarr store of an atlas path: a local directory or an fsspec URL."""
     if "://" in path and not path.startswith("file://"):
-        return FsspecStore.from_url(path, read_only=read_only)
+        try:
+            return FsspecStore.from_url(path, read_only=read_only)
+        except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs
+            raise AtlasError(f"cannot reach atlas location {path}: {e}") from None
     return LocalStore(path.removeprefix("file://"), read_only=read_only)
 
 

@@ -9,7 +9,6 @@ only once the manifest says so (Zarr reads unwritten chunks back as the fill val
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,9 +19,10 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
+from storage import location
 from storage.atlas import Atlas, routed
 from storage.errors import AtlasError
-from storage.integrity import INTEGRITY, compressors, remove_strays
+from storage.integrity import INTEGRITY, base_store, compressors, remove_strays
 from storage.layout import (
     ABOUT,
     FAMILIES,
@@ -93,9 +93,9 @@ class Store(Atlas):
     def create(cls, path: str | Path, attrs: Mapping[str, Any]) -> Store:
         """Create an empty atlas; refuses to touch an existing directory."""
         p = str(path)
-        if "://" not in p and Path(p).exists() and (not Path(p).is_dir() or any(Path(p).iterdir())):
+        if location.occupied(p):  # also a prefix holding other objects: never cleared
             raise AtlasError(f"{p} already exists; pick another --atlas or pass --overwrite")
-        root = zarr.open_group(p, mode="w")
+        root = zarr.open_group(base_store(p, read_only=False), mode="w")
         root.attrs.update({"schema_version": SCHEMA_VERSION, "integrity": INTEGRITY,
                            "created": _now(), "updated": _now(), **attrs})  # fmt: skip
         root.create_group("models")
@@ -103,7 +103,7 @@ class Store(Atlas):
 
     @staticmethod
     def remove(path: str | Path) -> None:
-        shutil.rmtree(path, ignore_errors=False)
+        location.remove(path)
 
     def touch(self, **attrs: Any) -> None:
         self.root.attrs.update({"updated": _now(), **attrs})

@@ -41,7 +41,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ops.errors import ConfigError
 from storage.atlas import Atlas, AtlasError
 from storage.layout import METHODS
 from storage.records import jsonable
@@ -163,6 +162,10 @@ def valid_token(token: str) -> bool:
     return token.isascii() and token.isprintable() and token.split() == [token]
 
 
+class ViewerConfigError(ValueError):
+    """A viewer setting that cannot work (the CLI reports it as a user error)."""
+
+
 def create_app(atlas_path: str, token: str | None = None,
                allowed_hosts: list[str] | None = None) -> FastAPI:  # fmt: skip
     """The viewer app for one atlas (opened once, read-only).
@@ -170,7 +173,7 @@ def create_app(atlas_path: str, token: str | None = None,
     ``token``: required on every ``/api`` request when set. ``allowed_hosts``: Host header
     names accepted besides :data:`LOOPBACK_HOSTS` (``"*"`` turns the check off)."""
     if token is not None and not valid_token(token):
-        raise ConfigError("the viewer token must be printable ASCII without spaces")
+        raise ViewerConfigError("the viewer token must be printable ASCII without spaces")
     atlas = Atlas.open(atlas_path)
     p = str(atlas_path).rstrip("/\\")
     full = p if "://" in p else str(Path(p).resolve())

@@ -24,6 +24,7 @@ from flows.config import parse_job
 from ops.errors import CorpusError, ModelError
 from ops.stats import bin_index_np
 from storage.atlas import Atlas, AtlasError
+from storage.lease import AtlasBusy, Lease
 
 LAYERS = [0, 1, 2]
 
@@ -153,6 +154,17 @@ def test_one_worker_equals_two_workers(mapped: Path, tiny_model_dir: Path, tmp_p
     assert not different, different
 
 
+def test_finished_atlas_is_complete_and_verifies(mapped: Path) -> None:
+    """A finished job leaves no partials, says it is complete, and every chunk checks out."""
+    from storage.integrity import verify
+
+    info = Atlas.open(mapped).info()
+    assert info["complete"] is True and info["pending"] == []
+    assert not (mapped / "_work").exists()
+    rep = verify(str(mapped))
+    assert rep["ok"] and rep["unchecked"] == [] and rep["chunks"] > 0, rep
+
+
 def test_completed_rerun_is_a_noop(mapped: Path, tiny_model_dir: Path) -> None:
     before = _arrays(mapped)
     out = _run(_job(mapped, tiny_model_dir))
@@ -186,16 +198,22 @@ def test_kill_and_resume_gives_the_same_atlas(
             time.sleep(0.05)
         else:
             pytest.fail("no shard recorded in time")
+        # a second run on the same atlas would be refused at once, naming the running one
+        with pytest.raises(AtlasBusy, match=rf"in use by pid {proc.pid} on "), Lease(path):
+            pass
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     atlas = Atlas.open(path)
     assert not atlas.model_attrs("tiny").get("complete")
+    info = atlas.info()
+    assert info["complete"] is False and "record/tiny" in info["pending"]
     n_done = len(atlas.done("record/tiny")["shards"])
     assert 2 <= n_done < len(atlas.shard_ranges())
     with pytest.raises(AtlasError, match="--resume"):
         _run(job)
     _run(job, resume=True)
+    assert Atlas.open(path).info()["complete"] and not (path / "_work").exists()
     a, b = _arrays(mapped), _arrays(path)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
@@ -248,20 +266,23 @@ def test_neuron_query_decodes_examples(mapped: Path) -> None:
 
 def test_failed_overwrite_keeps_the_old_atlas(mapped: Path, tiny_model_dir: Path,
                                               tmp_path: Path) -> None:  # fmt: skip
-    """--overwrite with a model that has a config and a tokenizer but no weights: the job
-    fails once recording starts; the old atlas stays byte for byte, nothing is left beside."""
+    """--overwrite with a model whose weights file is corrupt (preflight sees a complete model
+    directory): the job fails once recording starts, in the worker's constructor, with the
+    worker's error as itself; the old atlas stays byte for byte, nothing is left beside."""
     import shutil
 
     target = tmp_path / "old.zarr"
     shutil.copytree(mapped, target)
     before = _tree_hash(target)
-    broken = tmp_path / "no-weights"
+    broken = tmp_path / "bad-weights"
     shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
-    with pytest.raises(ModelError, match="no-weights") as e:  # the worker's error, unwrapped
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match="bad-weights") as e:  # the worker's error, unwrapped
         _run(_job(target, broken, corpus={"seq_len": 16}), overwrite=True)
     assert "Traceback" not in str(e.value)
     assert _tree_hash(target) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights", "old.zarr"]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))  # lease
+    assert left == ["bad-weights", "old.zarr"]
 
 
 def test_overwrite_swaps_in_the_new_atlas(mapped: Path, tiny_model_dir: Path,

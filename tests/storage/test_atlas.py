@@ -11,8 +11,8 @@ import pytest
 from ops.stats import hist_spec
 from storage.atlas import Atlas
 from storage.errors import AtlasError
-from storage.layout import STAT_NAMES
 from storage.integrity import ChunkError
+from storage.layout import STAT_NAMES
 from storage.store import Store
 
 # ---------------------------------------------------------------------------- toy atlas
