@@ -107,7 +107,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     exe = os.path.relpath(exe) if exe.startswith(os.getcwd()) else exe
     print("query it with:")
     print(f"  {exe} info {path}")
-    print(f"  {exe} neuron {path} {first} 5 10 --k 5")
+    layers = Atlas.open(job.atlas).layers(first)  # an example that exists in this atlas
+    layer = layers[min(5, len(layers) - 1)]
+    index = min(10, Atlas.open(job.atlas).model_attrs(first).get("d_mlp", 11) - 1)
+    print(f"  {exe} neuron {path} {first} {layer} {index} --k 5")
     py = (
         os.path.relpath(sys.executable)
         if sys.executable.startswith(os.getcwd())
@@ -115,6 +118,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"  {py} -c \"from storage import Atlas; print(Atlas.open('{path}').models)\"")
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit ``neuronmap run JOB`` to a Ray cluster through its Jobs API (flows.submit)."""
+    if args.resume and args.overwrite:
+        raise JobConfigError("--resume and --overwrite contradict each other; pick one")
+    job = load_job(args.job, atlas=args.atlas)
+    if args.workers is not None:
+        job = with_options(job, f"with options --workers {args.workers}",
+                           resources={"workers": args.workers})  # fmt: skip
+    from flows.submit import follow, submit
+
+    user_mode = os.environ.get("RAY_AUTH_MODE")
+    sid = submit(job, args.address, resume=args.resume, overwrite=args.overwrite,
+                 submission_id=args.submission_id)  # fmt: skip
+    # the ray CLI sends the token only under RAY_AUTH_MODE=token (submit turned it on here)
+    ray_cli = "RAY_AUTH_MODE=token ray" if user_mode is None and os.environ.get(
+        "RAY_AUTH_MODE") == "token" else "ray"  # fmt: skip
+    addr = shlex.quote(args.address)
+    print(f"submitted {sid} to {args.address} (atlas {job.atlas})")
+    print(f"follow it:  {ray_cli} job logs --follow {sid} --address {addr}")
+    print(f"status:     {ray_cli} job status {sid} --address {addr}")
+    print(f"stop it:    {ray_cli} job stop {sid} --address {addr}")
+    if not args.wait:
+        return 0
+    sys.stdout.flush()
+    status, code = follow(args.address, sid)
+    print(f"\nneuronmap: job {sid} {status}" + (f" (exit status {code})" if code is not None
+          else ""), file=sys.stderr)  # fmt: skip
+    if status == "SUCCEEDED":
+        return 0
+    return code if code else 1
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -408,6 +443,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the lease a killed run left on an object-store atlas (only "
                         "when that run is known to be gone)")  # fmt: skip
     r.set_defaults(fn=cmd_run)
+    sb = sub.add_parser("submit", help="run a job on a Ray cluster through its Jobs API, with "
+                        "this project as the job's runtime environment")  # fmt: skip
+    sb.add_argument("job", help="job YAML file (its relative paths are made absolute here)")
+    sb.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                    required=not os.environ.get("RAY_API_SERVER_ADDRESS"),
+                    help="the head's dashboard, e.g. http://HEAD:8265 (default: "
+                    "$RAY_API_SERVER_ADDRESS)")  # fmt: skip
+    sb.add_argument("--atlas", help="atlas path or URL as the cluster sees it (overrides the "
+                    "job file)")  # fmt: skip
+    sb.add_argument("--workers", type=int, help="number of Ray model workers")
+    sb.add_argument("--resume", action="store_true", help="continue an unfinished run")
+    sb.add_argument("--overwrite", action="store_true", help="replace an existing atlas")
+    sb.add_argument("--submission-id", help="the job's id (default: one Ray makes)")
+    sb.add_argument("--wait", action="store_true",
+                    help="follow the job's log until it ends; exit with its status")  # fmt: skip
+    sb.set_defaults(fn=cmd_submit)
     i = sub.add_parser("info", help="summarise an atlas")
     i.add_argument("atlas")
     i.add_argument("--json", action="store_true")

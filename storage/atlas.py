@@ -19,7 +19,7 @@ import zarr
 
 from storage import location
 from storage.errors import AtlasError
-from storage.integrity import open_root
+from storage.integrity import ARRAYS, ChunkError, open_root
 from storage.layout import (
     FAMILIES,
     MANIFEST,
@@ -257,7 +257,7 @@ class Atlas:
 
         def load() -> dict[str, dict[str, np.ndarray]]:
             L = self.layer_group(model, layer)
-            out = {g: {k: L[g][k][...] for k in L[g].array_keys()}
+            out = {g: {k: L[g][k][...] for k in self._array_names(L[g])}
                    for g in ("stats", "topk", "props") if g in L}  # fmt: skip
             for arrays in out.values():
                 for a in arrays.values():
@@ -265,6 +265,15 @@ class Atlas:
             return out
 
         return self._layers.get((model, layer), load)
+
+    def _array_names(self, group: zarr.Group) -> list[str]:
+        """The arrays of a group, refusing a group that lost one it records (``arrays``)."""
+        have = sorted(group.array_keys())
+        gone = sorted(set(group.attrs.get(ARRAYS, [])) - set(have))
+        if gone:
+            raise ChunkError(f"array {group.path}/{gone[0]} of {self.path} is missing: the atlas "
+                             f"is damaged (`neuronmap verify {self.path}`)")  # fmt: skip
+        return have
 
     @routed
     def props(self, model: str, layer: int) -> dict[str, np.ndarray]:

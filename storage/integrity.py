@@ -35,6 +35,8 @@ from storage.errors import AtlasError
 from storage.layout import WORK
 
 CHECKSUM = Crc32cCodec()
+ARRAYS = "arrays"
+"""Group attr listing the arrays written into the group (rule 2 for whole arrays)."""
 INTEGRITY = {"checksum": "crc32c", "empty_chunks": "written"}
 """Root attr ``integrity`` of an atlas written under the rules above."""
 
@@ -109,7 +111,15 @@ class StrictStore(WrapperStore[Store]):
                   byte_range: ByteRequest | None = None) -> Buffer | None:  # fmt: skip
         buf = await self._store.get(key, prototype, byte_range)
         array = chunk_array(key)
-        if array is None or array.split("/", 1)[0] == WORK:
+        if array is None:  # metadata: zarr would fail on it with a bare JSONDecodeError
+            if buf is not None and key.endswith("zarr.json") and byte_range is None:
+                try:
+                    json.loads(buf.to_bytes())
+                except ValueError:
+                    raise ChunkError(f"metadata {key} of {self.label} is corrupt (not JSON) "
+                                     f"(`neuronmap verify {self.label}`)") from None  # fmt: skip
+            return buf
+        if array.split("/", 1)[0] == WORK:
             return buf
         if buf is None:
             raise ChunkError(
@@ -154,7 +164,8 @@ async def _keys(store: Store) -> list[str]:
 def verify(path: str) -> dict[str, Any]:
     """Check every array of the atlas at ``path`` (families included, ``_work`` skipped):
 
-    - ``missing``: chunks of the grid that are not stored (in an atlas written under the
+    - ``missing``: arrays a group records but that are gone, and chunks of the grid that
+      are not stored (in an atlas written under the
       integrity rules every chunk is stored; older atlases skip fill-valued chunks, so
       missing chunks are reported only for checksummed arrays);
     - ``corrupt``: chunks whose crc32c does not match, and metadata that does not parse;
@@ -168,6 +179,7 @@ def verify(path: str) -> dict[str, Any]:
     proto = default_buffer_prototype()
     keys = [k for k in sync(_keys(store)) if k.split("/", 1)[0] != WORK]
     metas: dict[str, dict[str, Any]] = {}
+    listed: dict[str, list[str]] = {}  # group -> the arrays it records
     corrupt: list[str] = []
     for k in keys:
         if k.rsplit("/", 1)[-1] == "zarr.json":
@@ -177,8 +189,11 @@ def verify(path: str) -> dict[str, Any]:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 corrupt.append(f"{k} (metadata does not parse)")
                 continue
+            node = k[: -len("zarr.json")].rstrip("/")
             if meta.get("node_type") == "array":
-                metas[k[: -len("zarr.json")].rstrip("/")] = meta
+                metas[node] = meta
+            elif meta.get("node_type") == "group":
+                listed[node] = list(meta.get("attributes", {}).get(ARRAYS, []))
     stored: dict[str, set[str]] = {a: set() for a in metas}
     unexpected: list[str] = []
     for k in keys:
@@ -191,7 +206,9 @@ def verify(path: str) -> dict[str, Any]:
             stored[a].add(k)
         else:
             unexpected.append(k)
-    missing: list[str] = []
+    missing: list[str] = [f"{g}/{a}".lstrip("/") + " (whole array)"
+                          for g, names in sorted(listed.items()) for a in names
+                          if f"{g}/{a}".lstrip("/") not in metas]  # fmt: skip
     unchecked: list[str] = []
     n_chunks = 0
     for a, meta in sorted(metas.items()):

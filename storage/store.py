@@ -22,7 +22,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from storage import location
 from storage.atlas import Atlas, routed
 from storage.errors import AtlasError
-from storage.integrity import INTEGRITY, base_store, compressors, remove_strays
+from storage.integrity import ARRAYS, INTEGRITY, base_store, compressors, remove_strays
 from storage.layout import (
     ABOUT,
     FAMILIES,
@@ -50,7 +50,8 @@ def _array(group: zarr.Group, name: str, data: Any = None, *, unit: str = "neuro
     """Create one atlas array: crc32c last in its codecs, dimension names and a description
     attr, so plain zarr and xarray users can read it (``storage.integrity``, layout docs).
     ``data`` given: written whole; else ``shape``/``dtype`` (and ``fill_value``) pre-size it.
-    An existing array of that name is returned as is, or replaced with ``replace``."""
+    An existing array of that name is returned as is, or replaced with ``replace``. The
+    group's ``arrays`` attr lists it, so a whole array that goes missing is noticed."""
     if name in group:
         if not replace:
             return group[name]
@@ -65,6 +66,9 @@ def _array(group: zarr.Group, name: str, data: Any = None, *, unit: str = "neuro
                              attributes=attrs, **kw)  # fmt: skip
     if data is not None:
         arr[...] = data
+    listed = list(group.attrs.get(ARRAYS, []))
+    if name not in listed:  # the record `verify` and queries check the group against
+        group.attrs[ARRAYS] = sorted([*listed, name])
     return arr
 
 

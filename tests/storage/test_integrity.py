@@ -111,6 +111,16 @@ def test_unparsable_metadata_is_corrupt(atlas: Path) -> None:
     meta = atlas / "models" / MODEL / "layers" / "0" / "stats" / "max" / "zarr.json"
     meta.write_bytes(b"\x00\xff not json")
     assert any("stats/max/zarr.json" in c for c in verify(str(atlas))["corrupt"])
+    with pytest.raises(ChunkError, match="stats/max/zarr.json .* corrupt"):
+        Atlas.open(atlas).neuron(MODEL, 0, 1)
+
+
+def test_whole_array_gone_is_reported_and_refused(atlas: Path) -> None:
+    """The group records its arrays: a deleted array is missing, not just absent."""
+    shutil.rmtree(atlas / "models" / MODEL / "layers" / "0" / "stats" / "max")
+    assert f"models/{MODEL}/layers/0/stats/max (whole array)" in verify(str(atlas))["missing"]
+    with pytest.raises(ChunkError, match="array models/toy/layers/0/stats/max .* missing"):
+        Atlas.open(atlas).neuron(MODEL, 0, 1)
 
 
 def test_verify_cli(atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:
