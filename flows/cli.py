@@ -25,9 +25,53 @@ for _k, _v in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(_k, _v)
+
+
+def _named_ray_address(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--ray-address" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--ray-address="):
+            return a.split("=", 1)[1]
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def _loopback_only(address: str) -> bool:
+    """Whether ``address`` is a Ray head of this machine that listens on loopback only (one
+    started with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). Its drivers need the same setting:
+    without it Ray turns 127.0.0.1 into the machine's network address, where nothing listens,
+    and retries for minutes. A head listening on the network is reached as Ray does it."""
+    import ipaddress
+    import socket
+
+    if "://" in address or address == "auto":  # Ray Client: no local raylet to find
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(host.strip("[]") or "localhost"))
+        port_n = int(port)
+    except (OSError, ValueError):
+        return False
+    if not ip.is_loopback:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # the address Ray would advertise (no packet is sent)
+            s.connect(("8.8.8.8", 53))
+            outward = s.getsockname()[0]
+        except OSError:
+            return True  # loopback is all this machine has
+    try:
+        socket.create_connection((outward, port_n), timeout=0.5).close()
+    except OSError:
+        return True
+    return False
+
+
 # A local run keeps Ray on loopback (else it advertises the VM's address). Ray reads this at
-# import, and it also turns joining a multi-node cluster off: so only when no cluster is named.
-if not os.environ.get("RAY_ADDRESS") and "--ray-address" not in " ".join(sys.argv):
+# import, and it also turns joining a multi-node cluster off: so only when no cluster is named,
+# or the one named is a head of this machine on loopback only.
+_address = _named_ray_address(sys.argv)
+if _address is None or _loopback_only(_address):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import numpy as np  # noqa: E402
@@ -104,18 +148,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {row['model']}: {row['tokens']:,} tokens ({tps})")
     first = job.models[0].name
     exe = shutil.which("neuronmap") or os.path.join(os.path.dirname(sys.executable), "neuronmap")
-    exe = os.path.relpath(exe) if exe.startswith(os.getcwd()) else exe
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:  # a Ray job's working_dir that Ray removed (another raylet of
+        # the same machine and temp dir dropped its copy) before the job ended
+        cwd = None
+    exe = os.path.relpath(exe) if cwd and exe.startswith(cwd) else exe
     print("query it with:")
     print(f"  {exe} info {path}")
     layers = Atlas.open(job.atlas).layers(first)  # an example that exists in this atlas
     layer = layers[min(5, len(layers) - 1)]
     index = min(10, Atlas.open(job.atlas).model_attrs(first).get("d_mlp", 11) - 1)
     print(f"  {exe} neuron {path} {first} {layer} {index} --k 5")
-    py = (
-        os.path.relpath(sys.executable)
-        if sys.executable.startswith(os.getcwd())
-        else sys.executable
-    )
+    py = os.path.relpath(sys.executable) if cwd and sys.executable.startswith(cwd) else sys.executable
     print(f"  {py} -c \"from storage import Atlas; print(Atlas.open('{path}').models)\"")
     return 0
 

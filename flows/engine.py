@@ -13,6 +13,8 @@ same way for every stage. A new analysis is a consumer (``ops``) plus a stage de
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import logging
 import os
 import socket
@@ -40,10 +42,41 @@ def ensure_ray(address: str | None, workers: int) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        token_auth()
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=True)  # fmt: skip
+
+
+def token_auth() -> bool:
+    """Send this machine's Ray token to the cluster about to be reached, when there is one.
+
+    Ray (2.5x-2.60) starts clusters with token authentication on once a token exists
+    (``~/.ray/auth_token``, ``$RAY_AUTH_TOKEN_PATH`` or ``$RAY_AUTH_TOKEN``), but a driver or
+    Jobs API client given an explicit address sends its token only under
+    ``RAY_AUTH_MODE=token``: without it, ``ray.init`` retries ``InvalidAuthToken`` for ~45 s
+    and fails. So, unless ``RAY_AUTH_MODE`` says otherwise, a token found turns the mode on
+    for this process (a cluster without token auth ignores the token). Returns whether
+    token auth is on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token auth
+        return False
+    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "enabled for this Ray cluster" warning is not news
+    try:
+        return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    except ray.exceptions.AuthenticationError as e:  # e.g. RAY_AUTH_TOKEN_PATH names no file
+        raise ConfigError(f"Ray token: {str(e).split('. Note:')[0]}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def worker_env() -> dict[str, Any]:
@@ -168,41 +201,124 @@ def get(refs: Any) -> Any:
         raise
 
 
+RESTART_WAIT_S = 600.0
+"""How long a pool whose every worker was lost waits for one to come back (a restarted
+actor loads its model first) before the stage fails."""
+
+PROBE_EVERY_S = 2.0
+"""How often a lost worker that Ray is restarting is asked again whether it is back."""
+
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+"""What a lost worker (its process or its node) leaves a pending result with."""
+
+
+class WorkersLost(RuntimeError):
+    """Every worker of a pool is gone and none came back: retryable (Prefect retries the task,
+    which resumes from the manifest)."""
+
+
 def bounded(items: Sequence[Any], submit: Callable[[int, Any], Any], slots: int,
-            per_slot: int = 1, ordered: bool = False) -> Iterator[tuple[Any, Any]]:  # fmt: skip
+            per_slot: int = 1, ordered: bool = False,
+            revive: Callable[[int], Any] | None = None) -> Iterator[tuple[Any, Any]]:  # fmt: skip
     """Run ``submit(slot, item) -> ObjectRef`` for every item with at most ``per_slot`` refs
     in flight per slot, and yield ``(item, result)`` as results land (``ordered``: in the
     order of ``items``; results waiting for an earlier item count against the same budget,
     so a consumer of large results holds a bounded number of them). Closing the generator
-    cancels what is still in flight."""
+    cancels what is still in flight.
+
+    With ``revive`` (slot -> ObjectRef that resolves once the slot's worker is up again), a
+    lost worker does not fail the run: its items go back to the queue and run on the slots
+    that are up (items must be idempotent), and the slot takes work again once ``revive``
+    resolves (asked every :data:`PROBE_EVERY_S` while Ray restarts it). A worker that cannot
+    come back (no restarts left), or whose restart Ray cannot place on what is left of the
+    cluster, leaves the others to finish. Only when no slot is up for :data:`RESTART_WAIT_S`
+    does the run fail (:class:`WorkersLost`)."""
     budget = slots * per_slot
-    todo = list(enumerate(items))
+    todo = list(enumerate(items))  # (index, item), kept in index order
     inflight: dict[Any, tuple[int, int]] = {}  # ref -> (slot, index)
     load = [0] * slots
+    up = [True] * slots
+    probes: dict[Any, int] = {}  # revive ref -> slot
+    due: dict[int, float] = {}  # slot -> when to ask it again
     waiting: dict[int, Any] = {}
     next_out = 0
+    lost: Exception | None = None
+    none_up_since: float | None = None
+    log = logging.getLogger("neuronmap")
     try:
         while todo or inflight:
             for s in range(slots):
-                while todo and load[s] < per_slot and len(inflight) + len(waiting) < budget:
+                # in order, the item everything waits for is sent even over the budget
+                while up[s] and todo and load[s] < per_slot and (
+                        len(inflight) + len(waiting) < budget or todo[0][0] == next_out):  # fmt: skip
                     j, item = todo.pop(0)
                     inflight[submit(s, item)] = (s, j)
                     load[s] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                s, j = inflight.pop(ref)
-                load[s] -= 1
+            now = time.monotonic()
+            for s, t in list(due.items()):
+                if t <= now:
+                    del due[s]
+                    assert revive is not None
+                    probes[revive(s)] = s
+            if any(up):
+                none_up_since = None
+            else:
+                if not probes and not due:
+                    raise WorkersLost(f"every worker was lost and none can restart: {lost}")
+                none_up_since = none_up_since or now
+                if now - none_up_since > RESTART_WAIT_S:
+                    raise WorkersLost(f"every worker was lost and none came back within "
+                                      f"{RESTART_WAIT_S:.0f} s: {lost}")  # fmt: skip
+            timeout = max(0.0, min(due.values()) - now) if due else None
+            if not inflight and timeout is None:
+                timeout = PROBE_EVERY_S  # only probes pending: check the deadline now and then
+            pending = [*inflight, *probes]
+            if not pending:  # only probes to send again, later
+                time.sleep(timeout or 0)
+                continue
+            ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:
+                continue
+            ref = ready[0]
+            if ref in probes:
+                s = probes.pop(ref)
+                try:
+                    get(ref)
+                except ray.exceptions.ActorUnavailableError:  # restarting, or not yet placed
+                    due[s] = time.monotonic() + PROBE_EVERY_S
+                except LOST as e:  # it will not come back
+                    lost = e
+                    log.warning("worker %d cannot be restarted: %s", s, e)
+                else:
+                    up[s] = True
+                    log.warning("worker %d is back", s)
+                continue
+            s, j = inflight.pop(ref)
+            load[s] -= 1
+            try:
                 out = get(ref)
-                if not ordered:
-                    yield items[j], out
-                    continue
-                waiting[j] = out
-                while next_out in waiting:
-                    yield items[next_out], waiting.pop(next_out)
-                    next_out += 1
+            except LOST as e:
+                if revive is None:
+                    raise
+                lost = e
+                bisect.insort(todo, (j, items[j]), key=lambda t: t[0])
+                if up[s]:
+                    up[s] = False
+                    log.warning("worker %d was lost (%s); its shards go to the others",
+                                s, type(e).__name__)  # fmt: skip
+                    probes[revive(s)] = s
+                continue
+            if not ordered:
+                yield items[j], out
+                continue
+            waiting[j] = out
+            while next_out in waiting:
+                yield items[next_out], waiting.pop(next_out)
+                next_out += 1
     finally:
-        for ref in inflight:
-            ray.cancel(ref)  # actors are killed by their owner; this drops queued work
+        for ref in [*inflight, *probes]:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)  # actors are killed by their owner; this drops queued work
 
 
 def placeable(n: int, gpus: bool, scale_down: bool) -> int:
@@ -237,10 +353,15 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
     n = placeable(max(1, min(resources.workers, len(shards))), bool(gpus), resources.scale_down)
     opts: dict[str, Any] = {
+        # Ray restarts a crashed worker where it fits; its shards are not retried on it (that
+        # would wait for a restart that a smaller cluster may never place): the pool sends
+        # them to the workers that are up (a shard is idempotent) and takes the restarted
+        # worker back once its model is loaded.
         "max_restarts": resources.max_restarts,
-        "max_task_retries": resources.max_restarts,  # a shard is idempotent: safe to redo
+        "max_task_retries": 0,
         "num_cpus": 1,
         "num_gpus": 1 if gpus else 0,
+        "scheduling_strategy": "SPREAD",  # over the nodes: one node lost costs one worker
     }
     device, threads = ("cuda", None) if gpus else ("cpu", 1)
     actors = [PassWorker.options(**opts, **worker_env()).remote(stage, atlas_path, device, threads)
@@ -248,7 +369,9 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
     try:
         get([a.ready.remote() for a in actors])  # surface load errors before queueing work
         submit = lambda s, shard: actors[s].run.remote(shard)  # noqa: E731
-        for _, out in bounded(shards, submit, n, resources.inflight_per_worker, ordered):
+        revive = lambda s: actors[s].ready.remote()  # noqa: E731
+        for _, out in bounded(shards, submit, n, resources.inflight_per_worker, ordered,
+                              revive=revive):  # fmt: skip
             yield out
     finally:
         for a in actors:
@@ -360,6 +483,12 @@ class StageRun:
                              n_shards - len(todo) + i, n_shards,
                              f"{acct.tokens / acct.elapsed():,.0f}")  # fmt: skip
                 yield out
+        except BaseException as e:
+            # What this attempt did is part of the run; a retry (Prefect's, or --resume)
+            # accounts only the shards it runs itself, so no shard is counted twice.
+            if self.ledger is not None and acct.tokens:
+                self._record(acct.to_dict() | {"interrupted": type(e).__name__})
+            raise
         finally:
             bar.close()
         missing = sorted(set(range(n_shards)) - set(atlas.done(stage.name).get("shards", [])))
@@ -373,6 +502,13 @@ class StageRun:
         if self.ledger is not None and todo:
             self.ledger.record(entry)
         self.summary = {"accounting": entry, **result}
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        assert self.ledger is not None
+        try:
+            self.ledger.record(entry)
+        except Exception as e:  # never hides the error that ended the attempt
+            logging.getLogger("neuronmap").warning("run accounting not recorded: %s", e)
 
     def finish(self) -> dict[str, Any]:
         for _ in self:
