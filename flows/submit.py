@@ -40,9 +40,9 @@ PASSED_ENV = ("PREFECT_API_URL",)
 are not: they would show in the job's details on the dashboard)."""
 
 
-AGENT_WAIT_S = 60.0
+AGENT_WAIT_S = 300.0
 """How long a submission waits for the head's job agent (missing for a few seconds after the
-head starts: "No available agent to submit job")."""
+head starts: "No available agent to submit job"; over 60 s on a loaded 2-core machine)."""
 
 
 class SubmitError(NeuronmapError):
