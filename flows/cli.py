@@ -156,9 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     exe = os.path.relpath(exe) if cwd and exe.startswith(cwd) else exe
     print("query it with:")
     print(f"  {exe} info {path}")
-    layers = Atlas.open(job.atlas).layers(first)  # an example that exists in this atlas
+    done = Atlas.open(job.atlas)  # an example that exists in this atlas
+    layers = done.layers(first)
     layer = layers[min(5, len(layers) - 1)]
-    index = min(10, Atlas.open(job.atlas).model_attrs(first).get("d_mlp", 11) - 1)
+    index = min(10, done.model_attrs(first).get("d_mlp", 11) - 1)
     print(f"  {exe} neuron {path} {first} {layer} {index} --k 5")
     py = os.path.relpath(sys.executable) if cwd and sys.executable.startswith(cwd) else sys.executable
     print(f"  {py} -c \"from storage import Atlas; print(Atlas.open('{path}').models)\"")

@@ -30,8 +30,8 @@ import pytest
 import yaml
 
 from storage.atlas import Atlas
-from tests.flows.test_pipeline import _arrays, _run
-from tests.flows.test_pipeline import _job as _pipeline_job
+from tests.flows.test_cluster import _job, _same_atlas
+from tests.flows.test_pipeline import _run
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -169,18 +169,6 @@ def _job_file(cluster: dict, name: str, model: Path) -> tuple[Path, Path]:
     path = cluster["tmp"] / f"{name}.yaml"
     path.write_text(yaml.safe_dump(_job(atlas, model)))
     return path, atlas
-
-
-def _job(atlas: Path, model: Path) -> dict:
-    """test_pipeline's tiny job, without the weight properties (a Ray task of ~8 s here that
-    no placement question touches)."""
-    return _pipeline_job(atlas, model, record={"properties": False})
-
-
-def _same_atlas(a: Path, b: Path) -> None:
-    x, y = _arrays(a), _arrays(b)
-    assert x.keys() == y.keys()
-    assert [k for k in x if x[k] != y[k]] == []
 
 
 def _nodes_of_record(atlas: Path) -> set[str]:
