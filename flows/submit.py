@@ -40,9 +40,17 @@ PASSED_ENV = ("PREFECT_API_URL",)
 are not: they would show in the job's details on the dashboard)."""
 
 
-AGENT_WAIT_S = 300.0
+AGENT_WAIT_S = 120.0
 """How long a submission waits for the head's job agent (missing for a few seconds after the
-head starts: "No available agent to submit job"; over 60 s on a loaded 2-core machine)."""
+head starts: "No available agent to submit job"). An agent that never comes is usually one that
+could not bind its port (52365 unless ``--dashboard-agent-listen-port``): another Ray on the
+head's machine holds it; the error then says so."""
+
+NO_AGENT_HINT = (
+    "the head has no job agent: when another Ray runs on the head's machine it may hold the "
+    "agent's port (52365); start the head with --dashboard-agent-listen-port PORT, and see "
+    "dashboard_agent.log in the head's session logs (/tmp/ray/session_latest/logs)"
+)
 
 
 class SubmitError(NeuronmapError):
@@ -120,9 +128,12 @@ def submit(job: JobConfig, address: str, resume: bool = False, overwrite: bool =
                 raise _auth_error(address, e) from None
             except RuntimeError as e:
                 # a head that has just started has no job agent for a few seconds
-                if "No available agent" in str(e) and time.monotonic() < deadline:
-                    time.sleep(1)
-                    continue
+                if "No available agent" in str(e):
+                    if time.monotonic() < deadline:
+                        time.sleep(1)
+                        continue
+                    raise SubmitError(f"the Ray Jobs API at {address} refused the job after "
+                                      f"{AGENT_WAIT_S:.0f} s: {NO_AGENT_HINT}") from None  # fmt: skip
                 raise SubmitError(f"the Ray Jobs API at {address} refused the job: "
                                   f"{str(e).strip()}") from None  # fmt: skip
 

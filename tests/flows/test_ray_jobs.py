@@ -36,7 +36,8 @@ from tests.flows.test_pipeline import _run
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The README's commands ("On a Ray cluster"), as this test runs them: the ports are 6379 and
-# 8265 there; the test adds --temp-dir (a directory of its own) to `ray start`.
+# 8265 there; the test adds --temp-dir (a directory of its own) and a free job agent port to
+# `ray start`.
 HEAD = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --port {gcs} --dashboard-host "
         "127.0.0.1 --dashboard-port {dash} --num-cpus 2 --block")  # fmt: skip
 SUBMIT = "neuronmap submit {job} --address http://127.0.0.1:{dash} --wait"
@@ -123,14 +124,17 @@ def cli_cluster(tmp_path_factory, prefect_harness):
                         "RAY_AUTH_TOKEN")}  # fmt: skip
     env |= {"RAY_AUTH_TOKEN_PATH": str(tmp / "token"), "PYTHONUNBUFFERED": "1",
             "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PREFECT_API_URL": PREFECT_API_URL.value()}  # fmt: skip
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     # a short path: Ray's sockets live under it (a socket path has at most 107 bytes)
     ray_tmp = tempfile.mkdtemp(prefix="nm-ray-", dir="/tmp")
     procs = []
 
     def start(cmd: str, log: str) -> subprocess.Popen:
         with open(tmp / log, "wb") as out:
-            p = subprocess.Popen([*_argv(cmd, gcs=gcs, dash=dash), "--temp-dir", ray_tmp],
+            # the agent's port too: Ray's default (52365) is held by this session's local Ray
+            # (tests/conftest.py), and a head whose agent cannot bind it has no Jobs API
+            p = subprocess.Popen([*_argv(cmd, gcs=gcs, dash=dash), "--temp-dir", ray_tmp,
+                                  "--dashboard-agent-listen-port", str(agent)],
                                  env=_env(cmd, env, gcs=gcs, dash=dash), stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
                                  stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         procs.append(p)
@@ -260,3 +264,28 @@ def test_the_job_uploads_the_project_and_a_portable_job(tmp_path: Path, tiny_mod
     assert "RAY_AUTH_TOKEN" not in env["env_vars"]  # a secret: it would show on the dashboard
     assert entrypoint() == "python -m flows.cli run job.yaml"
     assert entrypoint(resume=True).endswith("run job.yaml --resume")
+
+
+def test_a_head_without_a_job_agent_is_one_clear_error(monkeypatch, tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """A head whose agent never came up (its port held by another Ray on that machine, as this
+    module's head would be without ``--dashboard-agent-listen-port``): the error names the port
+    and the flag instead of Ray's "please try again later"."""
+    from flows import submit
+    from flows.config import parse_job
+
+    calls = []
+
+    class NoAgent:  # what JobSubmissionClient.submit_job raises for such a head
+        def submit_job(self, **kw):
+            calls.append(kw)
+            raise RuntimeError("Request failed with status code 500: No available agent to "
+                               "submit job, please try again later..")  # fmt: skip
+
+    monkeypatch.setattr(submit, "client", lambda address: NoAgent())
+    monkeypatch.setattr(submit, "AGENT_WAIT_S", 1.5)
+    job = parse_job(_job(tmp_path / "a.zarr", tiny_model_dir))
+    with pytest.raises(submit.SubmitError) as e:
+        submit.submit(job, "http://127.0.0.1:1")
+    assert "--dashboard-agent-listen-port" in str(e.value) and "52365" in str(e.value)
+    assert len(calls) >= 2  # it waited and asked again before giving up
