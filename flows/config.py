@@ -191,8 +191,36 @@ class UniversalityConfig(_Strict):
     baseline: Literal["rotation"] = Field(
         "rotation", description="Baseline: random orthogonal rotation of the other model's neurons."
     )
-    keep_full: bool = Field(False, description="Store the full correlation matrices too.")
+    keep_full: bool = Field(False, description="Store the full correlation matrices too "
+                            "(compared layers, chunked per layer pair; 4 bytes per neuron pair "
+                            "in float32, 2 in float16).")  # fmt: skip
+    full_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the stored full r matrices (keep_full)."
+    )
     seed: int = Field(0, description="Seed of the random rotations.")
+    memory_gb: float | None = Field(
+        None, gt=0, description="Co-moment state one worker may hold, GiB. The plan cuts model "
+        "pairs into tiles of whole layers that fit it. Default: on GPUs 80 GiB (an 80 GB "
+        "H100 minus headroom: raise it on an H200); on CPUs half this machine's memory shared "
+        "by the workers."
+    )  # fmt: skip
+    matmul_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Inputs of the co-moment GEMMs (always accumulated in float32, "
+        "folded into float64). auto: bfloat16 on CUDA (tensor cores; r within 1e-3), float32 "
+        "on CPU. Reduced precision is CUDA only."
+    )  # fmt: skip
+    flush_tokens: int = Field(
+        65536, ge=1, description="On CUDA, tokens summed in the float32 buffer before it is "
+        "folded into the float64 state (bounds float32 error; each fold reads the whole state)."
+    )  # fmt: skip
+    checkpoint_shards: int | None = Field(
+        None, ge=1, description="Checkpoint a worker's co-moment state every this many shards "
+        "(besides checkpoint_minutes); a killed run resumes from the last checkpoint."
+    )  # fmt: skip
+    checkpoint_minutes: float | None = Field(
+        30.0, gt=0, description="Checkpoint a worker's state at least this often (a checkpoint "
+        "is as large as the state: the plan prints it). null: only checkpoint_shards."
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_selector(self) -> UniversalityConfig:

@@ -141,6 +141,39 @@ class Stage:
     merge: Callable[[Store], dict[str, Any]] | None = None
     work: Sequence[str] = ()
     description: str = ""
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Shards one worker runs in order, with state held across them (a :class:`Span`)."""
+
+    key: str  # names the unit's checkpoint; unique within the stage
+    shards: tuple[int, ...]
+    spec: Any = None  # what the span's hooks are given (e.g. a tile group)
+
+
+@dataclass
+class Span:
+    """What a stage keeps across the shards of a :class:`Unit` (the worker's long-lived state:
+    co-moments that are too large to persist per shard).
+
+    On the worker: ``open(shard_ctx, unit)`` builds the state (an object with a
+    ``consumers`` list fed every batch besides the stage's per-shard consumers);
+    ``restore(shard_ctx, unit, state)`` loads the unit's checkpoint into it and returns how
+    many of its shards it already holds; ``save(shard_ctx, unit, state, cursor)`` writes an
+    atomic checkpoint; ``close(shard_ctx, unit, state)`` ends the unit and returns a small
+    result for the driver. A checkpoint is taken every ``every_shards`` shards or
+    ``every_s`` seconds, whichever comes first (``None``: never), so a lost worker or a
+    killed run loses at most one interval.
+    """
+
+    open: Callable[[Shard, Unit], Any]
+    restore: Callable[[Shard, Unit, Any], int]
+    save: Callable[[Shard, Unit, Any, int], None]
+    close: Callable[[Shard, Unit, Any], dict[str, Any]]
+    every_shards: int | None = None
+    every_s: float | None = 1800.0
 
 
 @ray.remote
@@ -180,10 +213,36 @@ class PassWorker:
         first, _ = self.atlas.shard_ranges()[shard]
         ctx = Shard(shard, self.atlas, self.models, self.setup)
         consumers = self.stage.build(ctx)
-        count = self.engine.run(batches(tokens, mask, first, self.stage.batch_size), consumers)
-        out = self.stage.persist(ctx, consumers)
+        held = list(self.unit_state.consumers) if self.unit is not None else []
+        count = self.engine.run(batches(tokens, mask, first, self.stage.batch_size),
+                                consumers + held)  # fmt: skip
+        out = self.stage.persist(ctx, consumers) if consumers else {}
         return {"shard": shard, "tokens": count.tokens, "forward_passes": count.forward_passes,
                 **self.where, **out}  # fmt: skip
+
+    # a unit: state held across shards (Stage.span)
+    unit: Unit | None = None
+    unit_state: Any = None
+
+    def begin(self, unit: Unit) -> int:
+        """Open ``unit`` (from its checkpoint, if any); returns how many of its shards the
+        state already holds."""
+        assert self.stage.span is not None
+        ctx = Shard(-1, self.atlas, self.models, self.setup)
+        self.unit, self.unit_state = unit, self.stage.span.open(ctx, unit)
+        return self.stage.span.restore(ctx, unit, self.unit_state)
+
+    def checkpoint(self, cursor: int) -> None:
+        assert self.stage.span is not None and self.unit is not None
+        self.stage.span.save(Shard(-1, self.atlas, self.models, self.setup), self.unit,
+                             self.unit_state, cursor)  # fmt: skip
+
+    def end(self) -> dict[str, Any]:
+        assert self.stage.span is not None and self.unit is not None
+        out = self.stage.span.close(Shard(-1, self.atlas, self.models, self.setup), self.unit,
+                                    self.unit_state)  # fmt: skip
+        self.unit = self.unit_state = None
+        return {**out, **self.where}
 
 
 # ------------------------------------------------------------------ bounded scheduling
@@ -347,11 +406,27 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
     generator stops the actors."""
     if not shards:
         return
+    actors = start_workers(stage, atlas_path, len(shards), resources)
+    try:
+        submit = lambda s, shard: actors[s].run.remote(shard)  # noqa: E731
+        revive = lambda s: actors[s].ready.remote()  # noqa: E731
+        for _, out in bounded(shards, submit, len(actors), resources.inflight_per_worker,
+                              ordered, revive=revive):  # fmt: skip
+            yield out
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def start_workers(stage: Stage, atlas_path: str, items: int, resources: ResourcesConfig
+                  ) -> list[Any]:  # fmt: skip
+    """Start ``min(resources.workers, items)`` :class:`PassWorker` actors (checked against the
+    cluster) and wait until their models are loaded; a setup error is raised as itself."""
     ensure_ray(resources.ray_address, resources.workers)
     gpus = resources.gpus
     if gpus == "auto":
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    n = placeable(max(1, min(resources.workers, len(shards))), bool(gpus), resources.scale_down)
+    n = placeable(max(1, min(resources.workers, items)), bool(gpus), resources.scale_down)
     opts: dict[str, Any] = {
         # Ray restarts a crashed worker where it fits; its shards are not retried on it (that
         # would wait for a restart that a smaller cluster may never place): the pool sends
@@ -368,14 +443,11 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
               for _ in range(n)]  # fmt: skip
     try:
         get([a.ready.remote() for a in actors])  # surface load errors before queueing work
-        submit = lambda s, shard: actors[s].run.remote(shard)  # noqa: E731
-        revive = lambda s: actors[s].ready.remote()  # noqa: E731
-        for _, out in bounded(shards, submit, n, resources.inflight_per_worker, ordered,
-                              revive=revive):  # fmt: skip
-            yield out
-    finally:
+    except BaseException:
         for a in actors:
             ray.kill(a)
+        raise
+    return actors
 
 
 # ------------------------------------------------------------------ accounting
@@ -537,3 +609,121 @@ def stream_stage(stage: Stage, atlas_path: str, order: Iterable[int],
     finally:
         if ledger is not None and acct.tokens:
             ledger.record(acct.to_dict())
+
+
+# ------------------------------------------------------------------ units (state across shards)
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    unit: int | None = None  # index into the units
+    cursor: int = 0  # shards of the unit the worker's state holds
+    ref: Any = None
+    what: str = ""  # begin | run | checkpoint | end
+    since_ckpt: int = 0
+    ckpt_t: float = 0.0
+    up: bool = True
+
+
+def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: ResourcesConfig,
+              ledger: Ledger | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``units`` of a stage with a :class:`Span`: each on one worker, its shards in order
+    into state the worker holds, checkpointed on the span's interval, closed on the worker
+    (``close`` persists what the driver needs later: a resumed run skips finished units).
+    Returns ``{"units": close results of the units run now by index, "accounting": what this
+    run of the stage cost (None when every unit was done)}``.
+
+    Units finished under the stage's key are skipped (the manifest lists them); an
+    unfinished one resumes from its checkpoint. A lost worker's unit goes back to the queue
+    and resumes from its checkpoint on the next free worker; the stage fails only when every
+    worker is lost (:class:`WorkersLost`)."""
+    span = stage.span
+    assert span is not None
+    atlas = Store.open(atlas_path)
+    entry = atlas.done(stage.name)
+    same = entry.get("fingerprint") == stage.key
+    done_units = set(entry.get("shards", [])) if same else set()
+    results: dict[int, dict[str, Any]] = {}
+    todo = [i for i in range(len(units)) if i not in done_units]
+    if not todo:
+        return {"units": results, "accounting": None}
+    acct = Accounting(stage.name, corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
+    bar = tqdm(total=sum(len(units[i].shards) for i in todo),
+               desc=stage.description or stage.name, unit="shard")  # fmt: skip
+    log = run_logger()
+    slots = [_Slot(a) for a in start_workers(stage, atlas_path, len(todo), resources)]
+
+    def send(s: _Slot, what: str, *args: Any) -> None:
+        s.what, s.ref = what, getattr(s.actor, what).remote(*args)
+
+    def next_call(s: _Slot) -> None:
+        u = units[s.unit]
+        if s.cursor >= len(u.shards):
+            send(s, "end")
+            return
+        due = (span.every_shards is not None and s.since_ckpt >= span.every_shards) or (
+            span.every_s is not None and time.monotonic() - s.ckpt_t >= span.every_s)
+        if due and s.since_ckpt:
+            send(s, "checkpoint", s.cursor)
+        else:
+            send(s, "run", u.shards[s.cursor])
+
+    try:
+        while todo or any(s.unit is not None for s in slots):
+            for s in slots:
+                if s.up and s.unit is None and todo:
+                    s.unit, s.cursor, s.since_ckpt, s.ckpt_t = todo.pop(0), 0, 0, time.monotonic()
+                    send(s, "begin", units[s.unit])
+            busy = [s for s in slots if s.unit is not None]
+            if not busy:
+                raise WorkersLost("every worker was lost")
+            ready, _ = ray.wait([s.ref for s in busy], num_returns=1)
+            s = next(x for x in busy if x.ref == ready[0])
+            try:
+                out = get(s.ref)
+            except LOST as e:
+                logging.getLogger("neuronmap").warning(
+                    "worker lost during unit %s (%s): it resumes from its checkpoint",
+                    units[s.unit].key, type(e).__name__)  # fmt: skip
+                todo.insert(0, s.unit)
+                s.unit = None
+                try:  # a restarted worker takes work again once its models are loaded
+                    ray.get(s.actor.ready.remote(), timeout=RESTART_WAIT_S)
+                except Exception:
+                    s.up = False
+                continue
+            if s.what == "begin":
+                s.cursor = int(out)
+                bar.update(s.cursor)
+            elif s.what == "run":
+                s.cursor += 1
+                s.since_ckpt += 1
+                acct.add(out)
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{acct.tokens / acct.elapsed():,.0f}")
+                if log is not None:
+                    log.info("%s: unit %s, shard %d/%d done", stage.name, units[s.unit].key,
+                             s.cursor, len(units[s.unit].shards))  # fmt: skip
+            elif s.what == "checkpoint":
+                s.since_ckpt, s.ckpt_t = 0, time.monotonic()
+            else:  # end
+                results[s.unit] = out
+                done_units.add(s.unit)
+                atlas.mark(stage.name, stage.key, [s.unit])
+                s.unit = None
+                continue
+            next_call(s)
+    except BaseException as e:
+        if ledger is not None and acct.tokens:
+            with contextlib.suppress(Exception):
+                ledger.record(acct.to_dict() | {"interrupted": type(e).__name__})
+        raise
+    finally:
+        bar.close()
+        for s in slots:
+            ray.kill(s.actor)
+    entry = acct.to_dict()
+    if ledger is not None:
+        ledger.record(entry)
+    return {"units": results, "accounting": entry}

@@ -1,74 +1,299 @@
-"""The universality stage: every shard through every compared model in one pass, the
-co-moments of every layer pair (``ops.engine.CrossMoments``) persisted per shard, merged
-in shard order, then partners, rotation baseline and labels (``ops.universality``).
+"""The universality stage at the reference study's scale, in two passes over the tokens.
 
-A seed family is recorded and compared in the same pass (:func:`record_family`): its
-models' neuron statistics and their co-moments come from one forward per model and batch.
+1. **layers** (token-parallel units: contiguous shard ranges): every compared layer's
+   within-layer covariance, merged in range order, then per (model, layer) its mean, ``M2``,
+   dead mask and the rotation baseline's ``diag(QᵀCQ)`` (``ops.universality.rotation_stats``).
+   A seed family records its neuron statistics in this same pass (one forward per member).
+2. **pairs** (one unit per tile group of ``ops.universality.plan``): a worker holds its
+   tiles' co-moments over **all** shards (one GEMM per tile and batch), checkpoints them on
+   the configured interval, and finalises each tile where it lives, a layer of rows at a
+   time. Only O(neurons) results go back; the full r matrix is written chunk by chunk when
+   ``keep_full``.
+
+The plan (state per worker, checkpoint size, forwards, GEMM flops) is logged before any work
+and stored in the atlas; one that can never fit fails before a model is loaded.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
+import numpy as np
+import torch
 from prefect import get_run_logger, task
-from tqdm.auto import tqdm
 
 from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
-from flows.engine import Ledger, Shard, Stage, run_stage
+from flows.engine import Ledger, Shard, Span, Stage, Unit, ensure_ray, run_units
 from flows.record import note_speed, record_merge
 from flows.tasks import TASK
-from ops.correlation import CoMoments
-from ops.engine import Consumer, CrossMoments, NeuronStats
+from ops.correlation import CoMoments, FamilyMoments, merge_comoments
+from ops.engine import Consumer, NeuronStats, TileMoments
 from ops.stats import HistSpec, hist_spec, stack_partials
-from ops.universality import compare_groups, compute_universality, fold, overview, pairs
+from ops.universality import (
+    LayerMoments,
+    Plan,
+    TileResult,
+    assemble,
+    compare_groups,
+    finalize_tile,
+    overview,
+    own_moments,
+    plan,
+    rotation,
+    rotation_seed,
+    rotation_stats,
+    summarise,
+)
 from storage.atlas import Atlas
 from storage.store import Store
 
 WORK = "_universality"
+LAYERS, TILES = f"{WORK}/layers", f"{WORK}/tiles"
 
 
-def _consumers(shard: Shard) -> list[Consumer]:
-    """Co-moments of every layer pair of every model pair, and of every layer with itself."""
-    ms = shard.models
-    dev = shard.device
-    out: list[Consumer] = [
-        CrossMoments((i, la), (j, lb), ms[i].d_mlp, ms[j].d_mlp, dev)
-        for i, j in pairs(len(ms)) for la in range(ms[i].n_layers) for lb in range(ms[j].n_layers)
-    ]  # fmt: skip
-    out += [CrossMoments((m, L), (m, L), lm.d_mlp, lm.d_mlp, dev)
-            for m, lm in enumerate(ms) for L in range(lm.n_layers)]  # fmt: skip
-    return out
+@dataclass(frozen=True)
+class Shapes:
+    """What both passes need to know of the compared models, decided by the driver."""
+
+    names: list[str]
+    layers: list[list[int]]  # compared layers per model
+    d: list[int]
+    seed: int
+    matmul_dtype: str
+    flush_tokens: int
+    keep_full: bool
 
 
-def _block(n_models: int, c: Consumer) -> str:
-    """The moments key of a consumer (``ops.universality.compute_universality`` reads them)."""
-    (i, la), (j, lb) = c.sites
-    if (i, la) == (j, lb):
-        return f"m{i}.{la}"
-    return f"p{pairs(n_models).index((i, j))}.{la}.{lb}"
+def _dtype(shapes: Shapes, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        if shapes.matmul_dtype not in ("auto", "float32"):
+            raise JobConfigError(f"field 'universality.matmul_dtype': {shapes.matmul_dtype} "
+                                 "products are for CUDA workers only")  # fmt: skip
+        return torch.float32
+    return getattr(torch, "bfloat16" if shapes.matmul_dtype == "auto" else shapes.matmul_dtype)
 
 
-def _persist(shard: Shard, consumers: list[Consumer]) -> dict:
-    arrays = {f"{_block(len(shard.models), c)}.{k}": v
-              for c in consumers for k, v in c.state().to_arrays().items()}  # fmt: skip
-    shard.atlas.write_partial(WORK, shard.index, arrays)
+@dataclass
+class _Held:
+    """A unit's state on its worker: the accumulator and the consumer feeding it."""
+
+    acc: FamilyMoments
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        return [TileMoments(self.acc)]
+
+
+def _open(shapes: Shapes, tiles_of: Any, ctx: Shard, unit: Unit) -> _Held:
+    dev = ctx.device
+    flush = shapes.flush_tokens if dev.type == "cuda" else None
+    layers = dict(enumerate(shapes.layers))
+    d = dict(enumerate(shapes.d))
+    return _Held(FamilyMoments(tiles_of(unit), layers, d, dev, _dtype(shapes, dev), flush))
+
+
+def _restore(ctx: Shard, unit: Unit, held: _Held) -> int:
+    cp = ctx.atlas.read_checkpoint(f"{WORK}/ckpt/{unit.key}")
+    if cp is None:
+        return 0
+    raw, cursor = cp
+    held.acc.load_raw(raw)
+    return cursor
+
+
+def _save(ctx: Shard, unit: Unit, held: _Held, cursor: int) -> None:
+    ctx.atlas.write_checkpoint(f"{WORK}/ckpt/{unit.key}", held.acc.raw(), cursor)
+
+
+# ------------------------------------------------------------------ pass 1: layers
+
+
+def _close_layers(ctx: Shard, unit: Unit, held: _Held) -> dict:
+    """A shard range's within-layer co-moments, persisted per range (merged by the driver)."""
+    arrays: dict[str, np.ndarray] = {}
+    for tile in held.acc.tiles:
+        for k, cm in enumerate(own_moments(held.acc, tile)):
+            arrays |= {f"{tile.model}.{tile.lo + k}.{f}": v for f, v in cm.to_arrays().items()}
+    ctx.atlas.write_partial(f"{WORK}/ranges", int(unit.key[1:]), arrays)
     return {}
 
 
-def _merge(models: list[ModelConfig], cfg: UniversalityConfig, atlas: Store) -> dict:
-    moments: dict[str, CoMoments] = {}
-    for s in tqdm(range(len(atlas.shard_ranges())), desc="merge correlations", unit="shard"):
-        fold(moments, atlas.read_partial(WORK, s))
+def _merge_layers(shapes: Shapes, n_units: int, atlas: Store) -> dict[tuple[int, int], LayerMoments]:
+    """Per (model, position): the ranges' co-moments merged in range order, then the one
+    ``d³`` rotation product; persisted for the pair workers."""
+    parts = [atlas.read_partial(f"{WORK}/ranges", u) for u in range(n_units)]
+    out: dict[tuple[int, int], LayerMoments] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for m, (name, ls) in enumerate(zip(shapes.names, shapes.layers, strict=True)):
+        for p, layer in enumerate(ls):
+            cm = merge_comoments([CoMoments.from_arrays(
+                {f: part[f"{m}.{p}.{f}"] for f in ("n", "mean_a", "mean_b", "m2_a", "m2_b", "c")})
+                for part in parts])  # fmt: skip
+            q = rotation(shapes.d[m], rotation_seed(shapes.seed, name, layer))
+            out[(m, p)] = lm = rotation_stats(cm, q)
+            arrays |= {f"{m}.{p}.{f}": v for f, v in lm.to_arrays().items()}
+    atlas.write_partial(LAYERS, 0, arrays)
+    return out
+
+
+def _read_layers(atlas: Store, shapes: Shapes) -> dict[tuple[int, int], LayerMoments]:
+    arrays = atlas.read_partial(LAYERS, 0)
+    return {(m, p): LayerMoments.from_arrays({f: arrays[f"{m}.{p}.{f}"]
+                                              for f in ("n", "mean", "m2", "dead", "m2_rot")})
+            for m, ls in enumerate(shapes.layers) for p in range(len(ls))}  # fmt: skip
+
+
+# ------------------------------------------------------------------ pass 2: pairs
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation(d: int, seed: int) -> torch.Tensor:
+    return rotation(d, seed)
+
+
+def _close_pairs(shapes: Shapes, tile_ids: dict, ctx: Shard, unit: Unit, held: _Held) -> dict:
+    """Finalise the unit's tiles where their state lives; persist their O(neuron) results."""
+    own = _read_layers(ctx.atlas, shapes)
+    rot = {}
+    for tile in held.acc.tiles:
+        for m, ps in ((tile.a, range(tile.lo, tile.hi)), (tile.b, range(len(shapes.layers[tile.b])))):
+            for p in ps:
+                rot[(m, p)] = _rotation(shapes.d[m], rotation_seed(
+                    shapes.seed, shapes.names[m], shapes.layers[m][p]))  # fmt: skip
+    for tile in held.acc.tiles:
+        a, b = shapes.names[tile.a], shapes.names[tile.b]
+        da, db = shapes.d[tile.a], shapes.d[tile.b]
+        for item in finalize_tile(held.acc, tile, shapes.layers, own, rot, shapes.keep_full):
+            if isinstance(item, TileResult):
+                ctx.atlas.write_partial(TILES, tile_ids[tile], _tile_arrays(item))
+            else:  # a layer of rows of r: a's rows of a--b, and b--a's columns
+                pa, r = item
+                ctx.atlas.write_pair_corr(a, b, pa * da, 0, r)
+                for pb in range(len(shapes.layers[tile.b])):
+                    ctx.atlas.write_pair_corr(b, a, pb * db, pa * da,
+                                              np.ascontiguousarray(r[:, pb * db : (pb + 1) * db].T))  # fmt: skip
+    return {}
+
+
+def _tile_arrays(res: TileResult) -> dict[str, np.ndarray]:
+    out = {f"fwd.{k}": v for k, v in res.fwd.items()} | {f"rev.{k}": v for k, v in res.rev.items()}
+    for pa, (perm, corr) in res.matching.items():
+        out[f"match.{pa}.perm"], out[f"match.{pa}.corr"] = perm, corr
+    return out
+
+
+def _tile_result(tile: Any, arrays: dict[str, np.ndarray]) -> TileResult:
+    fwd = {k[4:]: v for k, v in arrays.items() if k.startswith("fwd.")}
+    rev = {k[4:]: v for k, v in arrays.items() if k.startswith("rev.")}
+    matching = {int(k.split(".")[1]): (arrays[k], arrays[k[: -len("perm")] + "corr"])
+                for k in arrays if k.startswith("match.") and k.endswith(".perm")}  # fmt: skip
+    return TileResult(tile, fwd, rev, matching)
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def _budget(cfg: UniversalityConfig, workers: int, gpus: bool) -> int:
+    if cfg.memory_gb is not None:
+        return int(cfg.memory_gb * 2**30)
+    if gpus:
+        return 80 * 2**30
+    import psutil
+
+    return int(psutil.virtual_memory().total * 0.5 / max(workers, 1))
+
+
+def _no_stats(_shard: Shard) -> list[Consumer]:
+    return []
+
+
+def _no_persist(_shard: Shard, _consumers: list[Consumer]) -> dict:
+    return {}
+
+
+def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig,
+              layers: list[list[int]], d: list[int], key: str, ledger: Ledger | None,
+              stats: tuple[Any, Any] | None = None, first_name: str = "universality/layers"
+              ) -> dict:  # fmt: skip
+    """Both passes and the merge; returns the family summary. ``stats`` = (build, persist):
+    per-shard consumers recorded in the first pass (a family's neuron statistics)."""
+    log = get_run_logger()
+    atlas = Store.open(job.atlas)
+    stored = atlas.attrs.get("universality", {})
+    if stored.get("key") == key and atlas.done("universality/pairs").get("complete"):
+        return {"skipped": True, **stored}
+    res = job.resources
+    ensure_ray(res.ray_address, res.workers)
+    import ray
+
+    gpus = res.gpus is True or (res.gpus == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     names = [m.name for m in models]
-    attrs = [atlas.model_attrs(n) for n in names]
-    n_layers = [a["n_layers"] for a in attrs]
-    pair_out, summary = compute_universality(names, n_layers, [a["d_mlp"] for a in attrs],
-                                             moments, cfg.threshold, cfg.seed, cfg.keep_full)  # fmt: skip
-    tokens = next(iter(moments.values())).n
+    the_plan = plan(layers, d, res.workers, _budget(cfg, res.workers, gpus), flush=gpus)
+    log.info("%s", the_plan.describe(names))
+    atlas.touch(universality_plan=the_plan.to_dict())
+    shapes = Shapes(names, layers, d, cfg.seed, cfg.matmul_dtype, cfg.flush_tokens, cfg.keep_full)
+    every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
+    n_shards = len(atlas.shard_ranges())
+    common = dict(models=models, batch_size=job.record.batch_size)
+
+    # pass 1: contiguous shard ranges, one per worker
+    bounds = np.linspace(0, n_shards, min(res.workers, n_shards) + 1).round().astype(int)
+    ranges = [Unit(f"r{i}", tuple(range(lo, hi)))
+              for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if hi > lo]  # fmt: skip
+    own_tiles = [t for g in the_plan.own for t in g]
+    build, persist = stats or (_no_stats, _no_persist)
+    first = Stage(name=first_name, key=job.fingerprint(key, "layers", len(ranges)),
+                  build=build, persist=persist, description="layer covariances",
+                  span=Span(open=partial(_open, shapes, lambda _u: own_tiles), restore=_restore,
+                            save=_save, close=_close_layers, every_shards=cfg.checkpoint_shards,
+                            every_s=every_s), **common)  # fmt: skip
+    first_done = atlas.done(first.name)
+    acct = run_units(first, job.atlas, ranges, res, ledger)["accounting"]
+    if first_done.get("fingerprint") == first.key and first_done.get("complete"):
+        own = _read_layers(atlas, shapes)
+    else:
+        own = _merge_layers(shapes, len(ranges), atlas)
+        atlas.mark(first.name, first.key, complete=True)
+        atlas.drop_partials(f"{WORK}/ranges")
+
+    # pass 2: the tile groups
+    groups = the_plan.groups
+    tile_ids = {t: i for i, t in enumerate(t for g in groups for t in g)}
+    units = [Unit(f"g{i}", tuple(range(n_shards)), i) for i in range(len(groups))]
+    pair_key = job.fingerprint(key, "pairs", json.dumps(the_plan.to_dict()["groups"]))
+    if cfg.keep_full and atlas.done("universality/pairs").get("fingerprint") != pair_key:
+        for i, j in [(i, j) for g in groups for t in g for (i, j) in ((t.a, t.b), (t.b, t.a))]:
+            atlas.init_pair_corr(names[i], names[j], (len(layers[i]) * d[i], len(layers[j]) * d[j]),
+                                 (d[i], d[j]), cfg.full_dtype)  # fmt: skip
+    second = Stage(name="universality/pairs", key=pair_key, build=_no_stats,
+                   persist=_no_persist, description="pair co-moments",
+                   span=Span(open=partial(_open, shapes, lambda u: groups[u.spec]),
+                             restore=_restore, save=_save,
+                             close=partial(_close_pairs, shapes, tile_ids),
+                             every_shards=cfg.checkpoint_shards, every_s=every_s), **common)  # fmt: skip
+    run_units(second, job.atlas, units, res, ledger)
+    atlas.mark(second.name, second.key, complete=True)
+    out = _merge(key, cfg, shapes, the_plan, own, tile_ids, atlas)
+    return out | {"first_pass": acct}
+
+
+def _merge(key: str, cfg: UniversalityConfig, shapes: Shapes, the_plan: Plan, own: dict,
+           tile_ids: dict, atlas: Store) -> dict:  # fmt: skip
+    names = shapes.names
+    results = [_tile_result(t, atlas.read_partial(TILES, i)) for t, i in tile_ids.items()]
+    n_layers = [atlas.model_attrs(n)["n_layers"] for n in names]
+    pair_out = assemble(len(names), shapes.layers, shapes.d, n_layers, results)
+    summary = summarise(names, shapes.layers, pair_out, own, cfg.threshold)
+    tokens = own[(0, 0)].n
     meta = {"baseline": cfg.baseline, "rotation_seed": cfg.seed, "threshold": cfg.threshold,
             "tokens": tokens}  # fmt: skip
     for (a, b), out in pair_out.items():
-        atlas.write_pair(names[a], names[b], out["arrays"], out["matching"], meta)
+        atlas.write_pair(names[a], names[b], out["arrays"], out["matching"],
+                         meta | {"layers": shapes.layers[a], "partner_layers": shapes.layers[b]})  # fmt: skip
     frac: dict[str, dict[int, float]] = {}
     for (m, L), arrays in summary.items():
         atlas.write_summary(names[m], L, arrays, meta)
@@ -76,70 +301,75 @@ def _merge(models: list[ModelConfig], cfg: UniversalityConfig, atlas: Store) -> 
     features = {(m, L): {k: v for k, v in atlas.stats(names[m], L).items()
                          if k in ("frac_active", "kurt", "skew")} | atlas.props(names[m], L)
                 for (m, L) in summary}  # fmt: skip
-    result = {**overview(summary), "per_layer": frac, "tokens": tokens,
-              "comparison": compare_groups(summary, features)}  # fmt: skip
+    result = {**overview(summary), "per_layer": frac, "tokens": tokens, "key": key,
+              "plan": the_plan.to_dict(), "comparison": compare_groups(summary, features)}  # fmt: skip
     atlas.touch(universality=result)
+    atlas.drop_partials(WORK)
     return result
 
 
+# ------------------------------------------------------------------ tasks
+
+
 def _family_consumers(k: int, spec: HistSpec, shard: Shard) -> list[Consumer]:
-    """Every layer's statistics of every model, and all their co-moments."""
-    stats: list[Consumer] = [NeuronStats((m, L), lm.d_mlp, k, spec, shard.device)
-                             for m, lm in enumerate(shard.models) for L in range(lm.n_layers)]  # fmt: skip
-    return stats + _consumers(shard)
+    """Every layer's statistics of every member (recorded in the first pass)."""
+    return [NeuronStats((m, L), lm.d_mlp, k, spec, shard.device)
+            for m, lm in enumerate(shard.models) for L in range(lm.n_layers)]  # fmt: skip
 
 
 def _family_persist(names: list[str], shard: Shard, consumers: list[Consumer]) -> dict:
     for m, name in enumerate(names):
         parts = [c.state() for c in consumers if isinstance(c, NeuronStats) and c.sites[0][0] == m]
         shard.atlas.write_partial(name, shard.index, stack_partials(parts))
-    return _persist(shard, [c for c in consumers if isinstance(c, CrossMoments)])
-
-
-def _family_merge(job: JobConfig, models: list[ModelConfig], preps: list[dict],
-                  cfg: UniversalityConfig, atlas: Store) -> dict:  # fmt: skip
-    rows = {m.name: record_merge(job, m, prep, atlas) for m, prep in zip(models, preps, strict=True)}
-    return {"models": rows, **_merge(models, cfg, atlas)}
+    return {}
 
 
 @task(name="record-family", **TASK)
 def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
                   ledger: Ledger | None = None) -> dict:  # fmt: skip
-    """Record every model of a family (``job``) and correlate their neurons, one pass."""
+    """Record every model of a family (``job``) and correlate their neurons: the members'
+    statistics come from the first universality pass (one forward per member and batch)."""
     models = list(job.models)
     if any(p["layers"] != list(range(p["n_layers"])) for p in preps):
         raise JobConfigError("a family is recorded and compared over all of its layers")
     r = job.record
     key = job.fingerprint("family", cfg.model_dump_json(), *(p["fingerprint"] for p in preps))
-    stage = Stage(name="record+universality", key=key, models=models,
-                  build=partial(_family_consumers, r.topk, hist_spec(r.hist_bins, r.hist_min,
-                                                                     r.hist_max)),
-                  persist=partial(_family_persist, [m.name for m in models]),
-                  batch_size=r.batch_size, merge=partial(_family_merge, job, models, preps, cfg),
-                  work=[WORK, *(m.name for m in models)], description="record + correlations")  # fmt: skip
-    out = run_stage(stage, job.atlas, job.resources, ledger)
-    note_speed(job.atlas, models, out)
-    return _result(job, out) | {"models": out.get("models", {}),
-                                "accounting": out.get("accounting")}
+    stats = (partial(_family_consumers, r.topk, hist_spec(r.hist_bins, r.hist_min, r.hist_max)),
+             partial(_family_persist, [m.name for m in models]))  # fmt: skip
+    recorded = all(Store.open(job.atlas).model_group(m.name).attrs.get("complete") for m in models)
+    out = correlate(job, models, cfg, [p["layers"] for p in preps], [p["d_mlp"] for p in preps],
+                    key, ledger, stats=stats, first_name="record+layers")  # fmt: skip
+    rows = {}
+    if not recorded:
+        # opened now: a group opened before correlate() wrote its attributes would write
+        # its stale copy of them back
+        atlas = Store.open(job.atlas)
+        rows = {m.name: record_merge(job, m, prep, atlas) for m, prep in zip(models, preps, strict=True)}
+        for m in models:
+            atlas.drop_partials(m.name)
+        note_speed(job.atlas, models, {"accounting": out.get("first_pass")})
+    _log(out)
+    return {"merged": not out.get("skipped"), "models": rows, **out}
 
 
 @task(name="universality", **TASK)
 def universality(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig,
                  ledger: Ledger | None = None) -> dict:  # fmt: skip
-    """Correlate every neuron of ``models`` with every neuron of the others (one stage)."""
+    """Correlate every compared neuron of ``models`` with every one of the others."""
     atlas = Atlas.open(job.atlas)
+    attrs = [atlas.model_attrs(m.name) for m in models]
     key = job.fingerprint("universality", cfg.model_dump_json(),
-                          *(atlas.model_attrs(m.name)["fingerprint"] for m in models))  # fmt: skip
-    stage = Stage(name="universality", key=key, models=models, build=_consumers,
-                  persist=_persist, batch_size=job.record.batch_size,
-                  merge=partial(_merge, models, cfg), work=[WORK], description="correlations")  # fmt: skip
-    return _result(job, run_stage(stage, job.atlas, job.resources, ledger))
+                          *(a["fingerprint"] for a in attrs))  # fmt: skip
+    layers = [atlas.layers(m.name) for m in models]
+    out = correlate(job, models, cfg, layers, [a["d_mlp"] for a in attrs], key, ledger)
+    _log(out)
+    return {"merged": not out.get("skipped"), **out}
 
 
-def _result(job: JobConfig, out: dict) -> dict:
-    """A universality stage's summary: fresh from its merge, or as stored when skipped."""
+def _log(out: dict) -> None:
     if out.get("skipped"):
-        return {"merged": False, **Atlas.open(job.atlas).attrs.get("universality", {})}
+        return
     get_run_logger().info("universal neurons: %.2f%% (mean max corr %.3f, rotation baseline %.3f)",
                           100 * out["universal_frac"], out["mean_max_corr"], out["baseline"])  # fmt: skip
-    return {"merged": True, **{k: v for k, v in out.items() if k not in ("accounting", "models")}}
+
+

@@ -1,14 +1,15 @@
 """Exact streaming neuron-neuron correlations between models fed the same tokens.
 
-Per shard, :class:`CoMomentAccumulator` keeps centred co-moments of two blocks of
-neurons (say layer La of model A and layer Lb of model B): batch-centred products in
-float32 (one GEMM per batch), merged in float64 with Chan's formulas. Partials of any
-grouping of shards merge into the same result (up to float64 rounding), so the atlas
-does not depend on how the work was split.
+A worker's :class:`FamilyMoments` keeps the co-moments of tiles of neurons (rows: whole
+layers of model A; columns: every compared layer of model B) across all the batches and
+shards it is given: one GEMM per tile and batch on shifted and scaled inputs (float32, or
+float16/bfloat16 on CUDA, always accumulated in float32), folded into float64. Centred
+:class:`CoMoments` of different workers merge with Chan's formulas, in a fixed order, so
+the result does not depend on how the work was split (beyond float64 rounding).
 
 The rotation baseline needs no extra pass over tokens: correlations of A's neurons with
-the rotated neurons ``b @ Q`` of B follow from the merged moments, ``C_ab Q`` and
-``diag(Qᵀ C_bb Q)``, so each model also keeps its within-layer covariance.
+the rotated neurons ``b @ Q`` of B follow from the moments, ``C_ab Q`` and
+``diag(Qᵀ C_bb Q)``, so each model's within-layer covariances are kept too (own tiles).
 """
 
 from __future__ import annotations
@@ -106,140 +107,6 @@ def constant(m2: np.ndarray, mean: np.ndarray, n: int) -> np.ndarray:
     return std <= 1e-6 * np.maximum(np.abs(mean), 1e-30)
 
 
-class CoMomentAccumulator:
-    """Co-moments of two activation blocks, updated batch by batch on their device.
-
-    Sums are taken around a fixed shift (the first batch's mean): with the shift close
-    to the mean this is as accurate as centring every batch, and the float64 running
-    sum needs no per-batch rank-1 correction, so the GEMM dominates the cost. The
-    exact centred co-moments are formed once, in :meth:`partial`.
-
-    ``matmul_dtype`` is float32 by default; on GPU, float16/bfloat16 inputs use the
-    tensor cores, and the product is still accumulated and returned in float32.
-    """
-
-    def __init__(self, da: int, db: int, device: torch.device | str = "cpu",
-                 matmul_dtype: torch.dtype = torch.float32, flush_tokens: int = 8192):  # fmt: skip
-        dev = torch.device(device)
-        if matmul_dtype != torch.float32 and dev.type != "cuda":
-            raise ConfigError("reduced-precision co-moment products are for CUDA only")
-        self.device, self.matmul_dtype = dev, matmul_dtype
-        f64 = dict(dtype=torch.float64, device=dev)
-        self.n = 0
-        self.shift_a: torch.Tensor | None = None
-        self.shift_b: torch.Tensor | None = None
-        self.s_a = torch.zeros(da, **f64)  # Σ (a - shift_a)
-        self.s_b = torch.zeros(db, **f64)
-        self.q_a = torch.zeros(da, **f64)  # Σ (a - shift_a)^2
-        self.q_b = torch.zeros(db, **f64)
-        self.c = torch.zeros(da, db, **f64)  # Σ (a - shift_a)(b - shift_b)ᵀ
-        # products of up to flush_tokens tokens are summed in float32 (as one long GEMM
-        # would), then folded into the float64 total
-        self.flush_tokens = flush_tokens
-        self._c32 = torch.zeros(da, db, dtype=torch.float32, device=dev)
-        self._pending = 0
-
-    def _flush(self) -> None:
-        self.c += self._c32
-        self._c32.zero_()
-        self._pending = 0
-
-    @torch.no_grad()
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Add ``a [T, Da]`` and ``b [T, Db]`` observed on the same ``T`` tokens."""
-        t = a.shape[0]
-        if t == 0:
-            return
-        if b.shape[0] != t:
-            raise ConfigError(f"a and b must share tokens: {a.shape[0]} != {b.shape[0]}")
-        a = a.to(torch.float32)
-        b = b.to(torch.float32)
-        if self.shift_a is None:
-            self.shift_a = a.mean(0)
-            self.shift_b = b.mean(0)
-        ac = a - self.shift_a
-        bc = b - self.shift_b
-        if self.matmul_dtype == torch.float32:
-            self._c32.addmm_(ac.T, bc)  # the GEMM accumulates in place: no extra pass
-        else:  # tensor cores, float32 accumulation and output
-            mm = torch.mm(
-                ac.T.to(self.matmul_dtype), bc.to(self.matmul_dtype), out_dtype=torch.float32
-            )
-            self._c32 += mm
-        self._pending += t
-        if self._pending >= self.flush_tokens:
-            self._flush()
-        # column sums as GEMVs: ~10x faster than .sum(0) on CPU; float32 within a batch is
-        # fine because the values are centred, and the running sums are float64
-        ones = torch.ones(t, dtype=torch.float32, device=a.device)
-        self.s_a += ones @ ac
-        self.s_b += ones @ bc
-        self.q_a += ones @ (ac * ac)
-        self.q_b += ones @ (bc * bc)
-        self.n += t
-
-    def partial(self) -> CoMoments:
-        """Centred co-moments (float64, host)."""
-        self._flush()
-        d_a, d_b = self.s_a.shape[0], self.s_b.shape[0]
-        if self.n == 0:
-            z = np.zeros
-            return CoMoments(0, z(d_a), z(d_b), z(d_a), z(d_b), z((d_a, d_b)))
-        cpu = lambda x: x.detach().cpu().numpy().astype(np.float64)  # noqa: E731
-        n = self.n
-        da, db = cpu(self.s_a) / n, cpu(self.s_b) / n
-        return CoMoments(
-            n=n,
-            mean_a=cpu(self.shift_a) + da,
-            mean_b=cpu(self.shift_b) + db,
-            m2_a=np.maximum(cpu(self.q_a) - n * da * da, 0.0),
-            m2_b=np.maximum(cpu(self.q_b) - n * db * db, 0.0),
-            c=cpu(self.c) - n * np.outer(da, db),
-        )
-
-
-def random_rotation(d: int, seed: int) -> np.ndarray:
-    """Haar-random orthogonal matrix (QR of a Gaussian with the sign fix), float64 [d, d]."""
-    g = np.random.default_rng(seed).standard_normal((d, d))
-    q, r = np.linalg.qr(g)
-    return q * np.sign(np.diag(r))[None, :]
-
-
-def rotated_pearson(ab: CoMoments, bb_cov: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """r between A's neurons and B's neurons rotated by ``q`` (``b @ q``), from moments only.
-
-    ``bb_cov`` is B's within-layer co-moment matrix Σ (b - mean)(b - mean)ᵀ on the same tokens.
-    """
-    c_rot = ab.c @ q
-    m2_rot = np.einsum("ij,ik,kj->j", q, bb_cov, q)
-    return pearson(c_rot, ab.m2_a, np.maximum(m2_rot, 0.0), constant(ab.m2_a, ab.mean_a, ab.n))
-
-
-@dataclass
-class BestPartners:
-    """Per neuron of A: its best-correlated neuron in B (over all of B's layers)."""
-
-    layer: np.ndarray  # int32 [Da]
-    index: np.ndarray  # int32 [Da]
-    max_corr: np.ndarray  # float64 [Da]
-    min_corr: np.ndarray  # float64 [Da]
-
-    @classmethod
-    def empty(cls, d: int) -> BestPartners:
-        return cls(np.full(d, -1, np.int32), np.full(d, -1, np.int32), np.full(d, -np.inf),
-                   np.full(d, np.inf))  # fmt: skip
-
-    def update(self, r: np.ndarray, layer: int) -> None:
-        """Fold in one block ``r [Da, Db_layer]``; ties keep the earlier (layer, index)."""
-        j = np.argmax(r, axis=1)
-        best = r[np.arange(r.shape[0]), j]
-        better = best > self.max_corr
-        self.max_corr = np.where(better, best, self.max_corr)
-        self.layer = np.where(better, layer, self.layer).astype(np.int32)
-        self.index = np.where(better, j, self.index).astype(np.int32)
-        self.min_corr = np.minimum(self.min_corr, r.min(axis=1))
-
-
 def match(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one matching maximising total correlation (Hungarian); (perm, corr) per row.
 
@@ -252,3 +119,235 @@ def match(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     perm[rows] = cols
     corr = np.where(perm >= 0, r[np.arange(r.shape[0]), np.maximum(perm, 0)], np.nan)
     return perm, corr
+
+
+# ---------------------------------------------------------------------------- at scale
+
+
+@dataclass(frozen=True)
+class PairTile:
+    """Co-moments of a block of model ``a``'s compared layers (positions ``lo:hi`` in its list
+    of compared layers: the tile's rows) with every compared layer of model ``b`` (columns).
+
+    A whole pair is one tile when its state fits a worker; otherwise the planner
+    (``ops.universality.plan``) cuts it into row tiles of whole layers."""
+
+    a: int
+    b: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class OwnTile:
+    """The within-layer covariances of layers ``lo:hi`` (positions) of one model: what the
+    rotation baseline needs (``diag(Qᵀ C Q)`` per layer)."""
+
+    model: int
+    lo: int
+    hi: int
+
+
+Tile = PairTile | OwnTile
+
+
+class FamilyMoments:
+    """Co-moments of many tiles over the same tokens, held across every batch and shard a
+    worker is given.
+
+    Per batch and model: the rows of the model's layers this accumulator reads are
+    concatenated into one ``[T, D]`` matrix, shifted and scaled once (by the first batch's
+    mean and std, fixed thereafter), cast once to ``matmul_dtype``, and column sums of it
+    and of its squares are added. Per pair tile: **one** GEMM ``Yaᵀ·Yb`` (float32
+    accumulation); per own tile: one batched GEMM over its layers. The float32 products are
+    folded into the float64 totals every ``flush_tokens`` tokens (``None``: every batch, in
+    row chunks, so no float32 copy of the state is kept: the CPU default, where the GEMM
+    dwarfs the fold). :meth:`raw` / :meth:`load_raw` are the exact state for checkpoints;
+    :meth:`moments` the centred float64 co-moments.
+
+    ``layers[m]`` lists the compared layers of model ``m`` (tile positions index into it),
+    ``d[m]`` its neurons per layer.
+    """
+
+    def __init__(self, tiles: list[Tile], layers: dict[int, list[int]], d: dict[int, int],
+                 device: torch.device | str = "cpu", matmul_dtype: torch.dtype = torch.float32,
+                 flush_tokens: int | None = None, chunk_bytes: int = 256 << 20):  # fmt: skip
+        dev = torch.device(device)
+        if matmul_dtype != torch.float32 and dev.type != "cuda":
+            raise ConfigError("reduced-precision co-moment products are for CUDA only")
+        self.tiles, self.device, self.matmul_dtype = list(tiles), dev, matmul_dtype
+        self.flush_tokens, self.chunk_bytes = flush_tokens, chunk_bytes
+        # the layer positions of each model this accumulator reads, and their column span
+        need: dict[int, set[int]] = {}
+        for t in self.tiles:
+            if isinstance(t, PairTile):
+                need.setdefault(t.a, set()).update(range(t.lo, t.hi))
+                need.setdefault(t.b, set()).update(range(len(layers[t.b])))
+            else:
+                need.setdefault(t.model, set()).update(range(t.lo, t.hi))
+        self.pos = {m: sorted(p) for m, p in sorted(need.items())}
+        self.d = {m: d[m] for m in self.pos}
+        self.sites: tuple[tuple[int, int], ...] = tuple(
+            (m, layers[m][p]) for m, ps in self.pos.items() for p in ps)  # fmt: skip
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.n = 0
+        self.shift: dict[int, torch.Tensor] = {}
+        self.scale: dict[int, torch.Tensor] = {}
+        self.s = {m: torch.zeros(len(ps) * self.d[m], **f64) for m, ps in self.pos.items()}
+        self.q = {m: torch.zeros(len(ps) * self.d[m], **f64) for m, ps in self.pos.items()}
+        self.c = {t: torch.zeros(self._shape(t), **f64) for t in self.tiles}
+        full = flush_tokens is not None
+        self._c32 = {t: torch.zeros(self._shape(t), dtype=torch.float32, device=dev)
+                     for t in self.tiles} if full else {}  # fmt: skip
+        self._pending = 0
+
+    # column ranges of a tile inside its model's concatenated matrix
+    def _cols(self, m: int, lo: int, hi: int) -> slice:
+        ps, d = self.pos[m], self.d[m]
+        i = ps.index(lo)
+        assert ps[i : i + hi - lo] == list(range(lo, hi)), "a tile's layers are contiguous"
+        return slice(i * d, (i + hi - lo) * d)
+
+    def _shape(self, t: Tile) -> tuple[int, ...]:
+        if isinstance(t, PairTile):
+            return ((t.hi - t.lo) * self.d[t.a], len(self.pos[t.b]) * self.d[t.b])
+        return (t.hi - t.lo, self.d[t.model], self.d[t.model])
+
+    def state_bytes(self) -> int:
+        """Bytes this accumulator holds on its device (float64 totals, float32 buffers)."""
+        n = sum(x.numel() for x in self.c.values())
+        return 8 * n + 4 * sum(x.numel() for x in self._c32.values())
+
+    @torch.no_grad()
+    def update(self, acts: dict[tuple[int, int], torch.Tensor]) -> None:
+        """Add one batch: ``acts[(model, layer)]`` are the recorded rows ``[T, d]`` of every
+        site in :attr:`sites` (float32 or the model's dtype), on the same ``T`` tokens."""
+        y: dict[int, torch.Tensor] = {}
+        t = None
+        for m in self.pos:
+            x = torch.cat([acts[(m, lay)].float() for (mm, lay) in self.sites if mm == m], 1)
+            t = x.shape[0]
+            if t == 0:
+                return
+            if m not in self.shift:
+                self.shift[m] = x.mean(0)
+                std = x.std(0, correction=0)
+                self.scale[m] = torch.where(std > 0, std, torch.ones_like(std))
+            yf = (x - self.shift[m]) / self.scale[m]
+            ones = torch.ones(t, dtype=torch.float32, device=yf.device)
+            self.s[m] += ones @ yf  # GEMVs: ~10x faster than .sum(0) on CPU
+            self.q[m] += ones @ (yf * yf)
+            y[m] = yf if self.matmul_dtype == torch.float32 else yf.to(self.matmul_dtype)
+        assert t is not None
+        for tile in self.tiles:
+            if isinstance(tile, PairTile):
+                ya = y[tile.a][:, self._cols(tile.a, tile.lo, tile.hi)]
+                self._add(tile, ya, y[tile.b])
+            else:
+                ym = y[tile.model][:, self._cols(tile.model, tile.lo, tile.hi)]
+                v = ym.reshape(t, tile.hi - tile.lo, self.d[tile.model]).transpose(0, 1)
+                self._add(tile, v, v)
+        self.n += t
+        self._pending += t
+        if self.flush_tokens is not None and self._pending >= self.flush_tokens:
+            self.flush()
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``aᵀ·b`` (batched for 3-d inputs) with float32 accumulation and output."""
+        at = a.transpose(-2, -1)
+        if self.matmul_dtype == torch.float32:
+            return at @ b
+        if a.dim() == 3:
+            return torch.bmm(at, b, out_dtype=torch.float32)
+        return torch.mm(at, b, out_dtype=torch.float32)
+
+    def _add(self, tile: Tile, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.flush_tokens is not None:  # float32 buffer, folded into float64 now and then
+            c32 = self._c32[tile]
+            if c32.dim() == 2 and self.matmul_dtype == torch.float32:
+                c32.addmm_(a.T, b)
+            else:
+                c32 += self._mm(a, b)
+            return
+        # fold every batch, a row chunk at a time: the float32 temporary stays small
+        c = self.c[tile]
+        rows = a.shape[-1]
+        step = max(1, self.chunk_bytes // (4 * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)))
+        for r in range(0, rows, step):
+            c[..., r : r + step, :] += self._mm(a[..., r : r + step], b)
+
+    def flush(self) -> None:
+        for tile, c32 in self._c32.items():
+            self.c[tile] += c32
+            c32.zero_()
+        self._pending = 0
+
+    # ------------------------------------------------------------------ state
+
+    def raw(self) -> dict[str, np.ndarray]:
+        """The exact running state (for a checkpoint): :meth:`load_raw` continues from it."""
+        self.flush()
+        cpu = lambda x: x.detach().cpu().numpy()  # noqa: E731
+        out: dict[str, np.ndarray] = {"n": np.asarray([self.n], np.int64)}
+        for m in self.pos:
+            out[f"s{m}"], out[f"q{m}"] = cpu(self.s[m]), cpu(self.q[m])
+            if m in self.shift:
+                out[f"shift{m}"], out[f"scale{m}"] = cpu(self.shift[m]), cpu(self.scale[m])
+        for i, tile in enumerate(self.tiles):
+            out[f"c{i}"] = cpu(self.c[tile])
+        return out
+
+    def load_raw(self, raw: dict[str, np.ndarray]) -> None:
+        dev = self.device
+        self.n = int(np.asarray(raw["n"]).reshape(-1)[0])
+        for m in self.pos:
+            self.s[m] = torch.as_tensor(raw[f"s{m}"], device=dev)
+            self.q[m] = torch.as_tensor(raw[f"q{m}"], device=dev)
+            if f"shift{m}" in raw:
+                self.shift[m] = torch.as_tensor(raw[f"shift{m}"], device=dev)
+                self.scale[m] = torch.as_tensor(raw[f"scale{m}"], device=dev)
+        for i, tile in enumerate(self.tiles):
+            c = torch.as_tensor(raw[f"c{i}"], device=dev)
+            if tuple(c.shape) != self._shape(tile):
+                raise ConfigError(f"checkpoint tile {i} has shape {tuple(c.shape)}, "
+                                  f"expected {self._shape(tile)}")  # fmt: skip
+            self.c[tile] = c
+        self._pending = 0
+
+    def columns(self, m: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Mean and centred ``M2`` (float64, true units) of model ``m``'s columns, and ``n``."""
+        n = max(self.n, 1)
+        mu = (self.s[m] / n).cpu().numpy()
+        sc = self.scale[m].double().cpu().numpy() if m in self.scale else 1.0
+        sh = self.shift[m].double().cpu().numpy() if m in self.shift else 0.0
+        m2 = np.maximum(self.q[m].cpu().numpy() - self.n * mu * mu, 0.0) * sc * sc
+        return sh + mu * sc, m2, self.n
+
+    def pair_moments(self, tile: PairTile) -> CoMoments:
+        """A pair tile's centred co-moments on the host, mergeable across workers."""
+        mean_a, m2_a, n = self.columns(tile.a)
+        mean_b, m2_b, _ = self.columns(tile.b)
+        ca = self._cols(tile.a, tile.lo, tile.hi)
+        return CoMoments(n, mean_a[ca], mean_b, m2_a[ca], m2_b, self.centred(tile).cpu().numpy())
+
+    def centred(self, tile: Tile, rows: slice | None = None) -> torch.Tensor:
+        """The tile's centred float64 co-moment block in true units (pair tiles: optionally a
+        row slice; own tiles: ``[L, d, d]``), on the accumulator's device."""
+        self.flush()
+        n = max(self.n, 1)
+        if isinstance(tile, PairTile):
+            ca, cb = self._cols(tile.a, tile.lo, tile.hi), slice(None)
+            rows = rows or slice(None)
+            mua = (self.s[tile.a][ca] / n)[rows]
+            mub = self.s[tile.b] / n
+            sa = self.scale[tile.a][ca][rows].double()
+            sb = self.scale[tile.b][cb].double()
+            c = self.c[tile][rows] - self.n * torch.outer(mua, mub)
+            return c * sa[:, None] * sb[None, :]
+        m = tile.model
+        cm = self._cols(m, tile.lo, tile.hi)
+        L, d = tile.hi - tile.lo, self.d[m]
+        mu = (self.s[m][cm] / n).reshape(L, d)
+        sc = self.scale[m][cm].double().reshape(L, d)
+        c = self.c[tile] - self.n * mu[:, :, None] * mu[:, None, :]
+        return c * sc[:, :, None] * sc[:, None, :]

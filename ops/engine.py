@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ops.correlation import CoMomentAccumulator, CoMoments, merge_comoments
+from ops.correlation import FamilyMoments
 from ops.errors import ConfigError
 from ops.models import LoadedModel, capture_mlp, forward_until
 from ops.stats import HistSpec, NeuronAccumulator, StatsPartial, finalize, merge_partials
@@ -189,22 +189,21 @@ class ActivationFeed(Consumer):
         return np.concatenate(list(states))
 
 
-class CrossMoments(Consumer):
-    """Co-moments of two sites (two models' layers, or a layer with itself) on the same tokens."""
+class TileMoments(Consumer):
+    """Co-moments of model pairs (and within-layer covariances) over every batch it is fed:
+    ``ops.correlation.FamilyMoments``, read as a joint consumer of all its sites (a worker
+    keeps one across the shards of its unit)."""
 
-    def __init__(self, a: Site, b: Site, da: int, db: int, device: torch.device | str = "cpu"):
-        self.sites = (a, b)
-        self.acc = CoMomentAccumulator(da, db, device)
-        self._same = a == b
+    def __init__(self, acc: FamilyMoments):
+        self.acc = acc
+        self.sites = acc.sites
 
     def update(self, acts, rows, positions) -> None:  # noqa: ANN001
         # a joint consumer: ``acts`` are gathered float32 rows (see the module docstring)
-        self.acc.update(acts[0], acts[0] if self._same else acts[1])
+        self.acc.update(dict(zip(self.sites, acts, strict=True)))
 
-    def state(self) -> CoMoments:
-        return self.acc.partial()
-
-    merge = staticmethod(merge_comoments)
+    def state(self) -> dict[str, np.ndarray]:
+        return self.acc.raw()
 
 
 # ---------------------------------------------------------------------------- the pass

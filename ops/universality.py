@@ -1,28 +1,29 @@
-"""Universal neurons (Gurnee et al. 2024) from merged cross-model co-moments.
+"""Universal neurons (Gurnee et al. 2024) at the reference study's scale.
 
-Given the co-moments of every layer pair of every model pair (``ops.correlation``, fed by
-``ops.engine.CrossMoments``): each neuron's best partner in every other model, the best
-correlation after a random orthogonal rotation of the other model's neurons (the
-baseline), the excess of one over the other, and the universal label; plus the seed
-paper's table comparing universal with other live neurons.
+The co-moments of every model pair are accumulated in tiles (``ops.correlation.FamilyMoments``,
+one GEMM per tile and batch) by workers that hold them across all the shards they are given;
+:func:`plan` decides the tiles and what each worker holds before any work starts. Each pair
+tile is then finalised where it lives, a layer of rows at a time (:func:`finalize_tile`): every
+neuron's best partner (layer, index, r) and worst r in the other model, the best r after a
+random orthogonal rotation of the other model's neurons (the baseline: ``C·Q`` from the
+moments, with ``diag(QᵀCQ)`` computed once per (model, layer) by :func:`rotation_stats`), and
+the Hungarian matching of equal layers. Only O(neurons) results leave the worker
+(:func:`assemble` joins them); the full r matrix is streamed out only when asked for.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from ops.correlation import (
-    BestPartners,
-    CoMoments,
-    constant,
-    match,
-    random_rotation,
-    rotated_pearson,
-)
+from ops.correlation import CoMoments, FamilyMoments, OwnTile, PairTile, Tile, constant, match
+from ops.errors import ConfigError
 
 
 def pairs(n: int) -> list[tuple[int, int]]:
@@ -30,83 +31,363 @@ def pairs(n: int) -> list[tuple[int, int]]:
     return list(itertools.combinations(range(n), 2))
 
 
-def fold(parts: dict[str, CoMoments], arrays: dict[str, np.ndarray]) -> None:
-    """Merge one shard's partial into the running per-block moments (shard order)."""
-    blocks: dict[str, dict[str, np.ndarray]] = {}
-    for key, v in arrays.items():
-        block, field = key.rsplit(".", 1)
-        blocks.setdefault(block, {})[field] = v
-    for block, a in blocks.items():
-        cm = CoMoments.from_arrays(a)
-        parts[block] = cm if block not in parts else parts[block].merge(cm)
-
-
 def rotation_seed(seed: int, model: str, layer: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{model}/{layer}".encode())) % 2**32
 
 
-def compute_universality(
-    names: list[str], n_layers: list[int], d: list[int], moments: dict[str, CoMoments],
-    threshold: float = 0.5, seed: int = 0, keep_full: bool = False,
-) -> tuple[dict, dict]:  # fmt: skip
-    """Per directed pair: best partners, baseline, matching; per model: the family summary.
+def rotation(d: int, seed: int) -> torch.Tensor:
+    """Haar-random orthogonal ``[d, d]`` (float64, CPU): QR of a seeded Gaussian with the sign
+    fix. Always computed on the CPU in float64, so every worker and the driver get the same
+    matrix whatever their device."""
+    g = torch.from_numpy(np.random.default_rng(seed).standard_normal((d, d)))
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r))[None, :]
 
-    ``moments`` holds ``"p<pair>.<la>.<lb>"`` (co-moments of layer ``la`` of the pair's first
-    model with layer ``lb`` of its second, pairs in :func:`pairs` order) and ``"m<m>.<L>"``
-    (each layer with itself, for the rotation baseline). A neuron is universal when its mean
-    best-partner correlation over the other models exceeds the rotated baseline's by more
-    than ``threshold`` (Gurnee et al. 2024) and it is not dead.
-    """
-    rot = {(m, L): random_rotation(d[m], rotation_seed(seed, names[m], L))
-           for m in range(len(names)) for L in range(n_layers[m])}  # fmt: skip
-    own = {(m, L): moments[f"m{m}.{L}"] for m in range(len(names)) for L in range(n_layers[m])}
-    dead = {(m, L): constant(c.m2_a, c.mean_a, c.n) for (m, L), c in own.items()}
-    pair_out: dict[tuple[int, int], dict] = {}
-    for p, (i, j) in enumerate(pairs(len(names))):
-        for a, b, flip in ((i, j, False), (j, i, True)):
-            best = [BestPartners.empty(d[a]) for _ in range(n_layers[a])]
-            base = [BestPartners.empty(d[a]) for _ in range(n_layers[a])]
-            perm = np.full((n_layers[a], d[a]), -1, np.int64)
-            mcorr = np.full((n_layers[a], d[a]), np.nan)
-            full = (
-                np.zeros((n_layers[a] * d[a], n_layers[b] * d[b]), np.float32)
-                if keep_full
-                else None
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Plan:
+    """What the universality stage will hold and run, decided from shapes alone."""
+
+    layers: list[list[int]]  # compared layers per model
+    d: list[int]
+    workers: int
+    budget: int  # bytes of state one worker may hold
+    groups: list[list[PairTile]]  # one unit of work per group: all tokens, one worker
+    own: list[list[OwnTile]]  # the cheap first pass: within-layer covariances
+    group_bytes: list[int] = field(default_factory=list)
+    own_bytes: list[int] = field(default_factory=list)
+    flush: bool = False  # float32 buffers beside the float64 state (GPU)
+
+    @property
+    def waves(self) -> int:
+        """Rounds of pair groups: more groups than workers run one after another."""
+        return math.ceil(len(self.groups) / self.workers)
+
+    @property
+    def forwards_per_token(self) -> int:
+        """Model forwards per corpus token over both passes."""
+        first = len(self.layers) * 1
+        return first + sum(len({t.a for t in g} | {t.b for t in g}) for g in self.groups)
+
+    @property
+    def flops_per_token(self) -> float:
+        """GEMM flops per token (pair tiles and own tiles)."""
+        n = sum(2 * (t.hi - t.lo) * self.d[t.a] * len(self.layers[t.b]) * self.d[t.b]
+                for g in self.groups for t in g)  # fmt: skip
+        return float(n + sum(2 * len(ls) * d * d for ls, d in zip(self.layers, self.d, strict=True)))
+
+    def to_dict(self) -> dict:
+        return {"workers": self.workers, "budget_bytes": self.budget,
+                "groups": [[[t.a, t.b, t.lo, t.hi] for t in g] for g in self.groups],
+                "group_bytes": self.group_bytes, "own_bytes": self.own_bytes,
+                "waves": self.waves, "checkpoint_bytes": max(self.group_bytes, default=0),
+                "forwards_per_token": self.forwards_per_token,
+                "gemm_flops_per_token": self.flops_per_token}  # fmt: skip
+
+    def describe(self, names: list[str]) -> str:
+        gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        lines = [f"universality plan: {len(names)} models, {len(pairs(len(names)))} pairs, "
+                 f"{len(self.groups)} pair groups on {self.workers} workers ({self.waves} "
+                 f"wave{'s' * (self.waves > 1)}), budget {gb(self.budget)} per worker"]  # fmt: skip
+        for i, (g, b) in enumerate(zip(self.groups, self.group_bytes, strict=True)):
+            tiles = ", ".join(f"{names[t.a]}[L{self.layers[t.a][t.lo]}..{self.layers[t.a][t.hi - 1]}]"
+                              f"x{names[t.b]}" for t in g)  # fmt: skip
+            lines.append(f"  group {i}: {gb(b)} state (= its checkpoint): {tiles}")
+        lines.append(f"  within-layer covariances: {gb(sum(self.own_bytes))}; "
+                     f"{self.forwards_per_token} forwards and "
+                     f"{self.flops_per_token / 1e9:.2f} GFLOP of products per token")  # fmt: skip
+        return "\n".join(lines)
+
+
+def tile_bytes(t: Tile, layers: list[list[int]], d: list[int], flush: bool) -> int:
+    """Device bytes of one tile's state: float64 totals (+ float32 buffer when flushed)."""
+    if isinstance(t, PairTile):
+        n = (t.hi - t.lo) * d[t.a] * len(layers[t.b]) * d[t.b]
+    else:
+        n = (t.hi - t.lo) * d[t.model] ** 2
+    return n * (12 if flush else 8)
+
+
+SPLIT_TO = 4
+"""Pairs are cut into at least this many tiles per worker when their layers allow: with 10
+pairs on 8 workers, whole pairs would leave the slowest worker two pairs (1.6x the mean)."""
+
+
+def plan(layers: list[list[int]], d: list[int], workers: int, budget: int,
+         flush: bool = False) -> Plan:  # fmt: skip
+    """Cut every pair into row tiles of whole layers that fit ``budget`` bytes, into at least
+    ``workers`` tiles when the layers allow (every worker busy), and pack them into groups (a
+    group = one worker's state for one pass over the tokens). Fails at once, naming the knob,
+    when a single layer of rows cannot fit."""
+    if len(layers) < 2:
+        raise ConfigError("universality compares at least two models")
+    cut: list[PairTile] = []
+    for i, j in pairs(len(layers)):
+        one = tile_bytes(PairTile(i, j, 0, 1), layers, d, flush)
+        if one > budget:
+            raise ConfigError(
+                f"field 'universality.memory_gb': one layer of model {i} against every compared "
+                f"layer of model {j} needs {one / 2**30:.2f} GiB of state, over the "
+                f"{budget / 2**30:.2f} GiB a worker may hold; raise universality.memory_gb, or "
+                "compare fewer layers (job 'layers')"
             )
-            for la in range(n_layers[a]):
-                for lb in range(n_layers[b]):
-                    cm = moments[f"p{p}.{lb}.{la}"].T if flip else moments[f"p{p}.{la}.{lb}"]
-                    r = cm.pearson()
-                    best[la].update(r, lb)
-                    base[la].update(rotated_pearson(cm, own[(b, lb)].c, rot[(b, lb)]), lb)
-                    if la == lb and n_layers[a] == n_layers[b]:
-                        perm[la], mcorr[la] = match(r)
-                    if full is not None:
-                        full[la * d[a] : (la + 1) * d[a], lb * d[b] : (lb + 1) * d[b]] = r
-            out = {
-                "partner_layer": np.stack([x.layer for x in best]),
-                "partner_index": np.stack([x.index for x in best]),
-                "max_corr": np.stack([x.max_corr for x in best]),
-                "min_corr": np.stack([x.min_corr for x in best]),
-                "baseline_max_corr": np.stack([x.max_corr for x in base]),
-            }
-            if full is not None:
-                out["corr"] = full
-            pair_out[(a, b)] = {"arrays": out, "matching": {"perm": perm, "corr": mcorr}}
+        per = max(1, budget // one)
+        n = len(layers[i])
+        cut += [PairTile(i, j, lo, min(n, lo + per)) for lo in range(0, n, per)]
+    # split the largest tiles (when the layers allow) until there are a few per worker: every
+    # worker busy, and groups of near-equal work however the pairs divide among the workers
+    while len(cut) < SPLIT_TO * workers:
+        big = max(cut, key=lambda t: (t.hi - t.lo, -cut.index(t)))
+        if big.hi - big.lo < 2:
+            break
+        mid = (big.lo + big.hi) // 2
+        k = cut.index(big)
+        cut[k : k + 1] = [PairTile(big.a, big.b, big.lo, mid), PairTile(big.a, big.b, mid, big.hi)]
+    # pack: largest first into the group with the least state that still has room
+    size = {t: tile_bytes(t, layers, d, flush) for t in cut}
+    n_groups = max(min(workers, len(cut)), math.ceil(sum(size.values()) / budget))
+    groups: list[list[PairTile]] = [[] for _ in range(n_groups)]
+    held = [0] * n_groups
+    for t in sorted(cut, key=lambda t: (-size[t], t.a, t.b, t.lo)):
+        room = [g for g in range(len(groups)) if held[g] + size[t] <= budget]
+        if not room:
+            groups.append([])
+            held.append(0)
+            room = [len(groups) - 1]
+        g = min(room, key=lambda g: (held[g], g))
+        groups[g].append(t)
+        held[g] += size[t]
+    keep = [g for g in range(len(groups)) if groups[g]]
+    groups = [sorted(groups[g], key=lambda t: (t.a, t.b, t.lo)) for g in keep]
+    own = [[OwnTile(m, 0, len(ls))] for m, ls in enumerate(layers)]
+    own_bytes = [tile_bytes(t, layers, d, flush) for g in own for t in g]
+    if max(own_bytes) > budget:
+        raise ConfigError(
+            f"field 'universality.memory_gb': the within-layer covariances of one model need "
+            f"{max(own_bytes) / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB a worker may "
+            "hold; raise universality.memory_gb"
+        )
+    return Plan(layers, d, workers, budget, groups, own,
+                [held[g] for g in keep], own_bytes, flush)  # fmt: skip
+
+
+# ------------------------------------------------------------------ per (model, layer)
+
+
+@dataclass
+class LayerMoments:
+    """What finalisation needs of one compared layer of one model: ``n``, mean and ``M2`` of
+    its neurons, dead mask, and ``M2`` of its rotated neurons (the baseline's denominator)."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+    dead: np.ndarray
+    m2_rot: np.ndarray
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"n": np.asarray([self.n]), "mean": self.mean, "m2": self.m2,
+                "dead": self.dead, "m2_rot": self.m2_rot}  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, a: Mapping[str, np.ndarray]) -> LayerMoments:
+        return cls(int(np.asarray(a["n"]).reshape(-1)[0]), np.asarray(a["mean"]),
+                   np.asarray(a["m2"]), np.asarray(a["dead"]).astype(bool), np.asarray(a["m2_rot"]))  # fmt: skip
+
+
+def own_moments(acc: FamilyMoments, tile: OwnTile) -> list[CoMoments]:
+    """The centred within-layer co-moments of an own tile, one :class:`CoMoments` per layer
+    (mergeable across workers)."""
+    mean, m2, n = acc.columns(tile.model)
+    cols = acc._cols(tile.model, tile.lo, tile.hi)
+    mean, m2 = mean[cols], m2[cols]
+    cov = acc.centred(tile).cpu().numpy()
+    d = acc.d[tile.model]
+    return [CoMoments(n, mean[k * d : (k + 1) * d], mean[k * d : (k + 1) * d],
+                      m2[k * d : (k + 1) * d], m2[k * d : (k + 1) * d], cov[k])
+            for k in range(tile.hi - tile.lo)]  # fmt: skip
+
+
+def rotation_stats(cm: CoMoments, q: torch.Tensor) -> LayerMoments:
+    """One layer's :class:`LayerMoments` from its merged within-layer co-moments: the one
+    ``d³`` product per (model, layer), ``diag(Qᵀ C Q)``."""
+    c = torch.from_numpy(cm.c)
+    m2_rot = np.maximum(((c @ q) * q).sum(0).numpy(), 0.0)
+    return LayerMoments(cm.n, cm.mean_a, cm.m2_a, constant(cm.m2_a, cm.mean_a, cm.n), m2_rot)
+
+
+# ------------------------------------------------------------------ finalising a pair tile
+
+
+PAIR_KEYS = ("partner_layer", "partner_index", "max_corr", "min_corr", "baseline_max_corr")
+
+
+def _empty(n_layers: int, d: int) -> dict[str, np.ndarray]:
+    return {"partner_layer": np.full((n_layers, d), -1, np.int32),
+            "partner_index": np.full((n_layers, d), -1, np.int32),
+            "max_corr": np.full((n_layers, d), -np.inf), "min_corr": np.full((n_layers, d), np.inf),
+            "baseline_max_corr": np.full((n_layers, d), -np.inf)}  # fmt: skip
+
+
+def _r(c: torch.Tensor, m2_a: torch.Tensor, m2_b: torch.Tensor, ok_a: torch.Tensor,
+       ok_b: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Pearson r from a centred co-moment block; dead or zero-variance neurons give 0."""
+    den = torch.sqrt(torch.outer(m2_a, m2_b))
+    ok = (den > 0) & ok_a[:, None] & ok_b[None, :]
+    return torch.where(ok, c / torch.where(ok, den, torch.ones_like(den)), 0.0).clamp_(-1, 1)
+
+
+@dataclass
+class TileResult:
+    """O(neurons) results of one pair tile: ``fwd`` for the tile's rows of ``a`` (complete:
+    every column of ``b`` was seen), ``rev`` for every neuron of ``b`` over this tile's rows
+    only (:func:`assemble` reduces the tiles), matchings of equal layers."""
+
+    tile: PairTile
+    fwd: dict[str, np.ndarray]  # [hi - lo, d_a]
+    rev: dict[str, np.ndarray]  # [layers_b, d_b]
+    matching: dict[int, tuple[np.ndarray, np.ndarray]]  # a's layer position -> (perm, corr)
+
+
+def finalize_tile(acc: FamilyMoments, tile: PairTile, layers: list[list[int]],
+                  own: Mapping[tuple[int, int], LayerMoments],
+                  rot: Mapping[tuple[int, int], torch.Tensor],
+                  full: bool = False) -> Iterator[tuple[int, np.ndarray] | TileResult]:  # fmt: skip
+    """Finalise one pair tile on the accumulator's device, one layer of rows at a time.
+
+    ``own[(model, position)]`` and ``rot[(model, position)]`` are the layer moments and
+    rotations of both models' compared layers. Yields ``(a's layer position, r block
+    [d_a, D_b] float32)`` for each layer of rows when ``full``, then the :class:`TileResult`.
+    """
+    a, b = tile.a, tile.b
+    da, db = acc.d[a], acc.d[b]
+    nb = len(layers[b])
+    dev = acc.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    # per-column arrays of b, on the device; the tile's moments give the same n for both
+    m2_b = torch.cat([torch.as_tensor(own[(b, p)].m2, **f64) for p in range(nb)])
+    ok_b = ~torch.cat([torch.as_tensor(own[(b, p)].dead, device=dev) for p in range(nb)])
+    fwd = _empty(tile.hi - tile.lo, da)
+    rev = _empty(nb, db)
+    matching: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for k, pa in enumerate(range(tile.lo, tile.hi)):
+        la = own[(a, pa)]
+        m2_a = torch.as_tensor(la.m2, **f64)
+        ok_a = ~torch.as_tensor(la.dead, device=dev)
+        c = acc.centred(tile, slice(k * da, (k + 1) * da))  # [da, D_b] float64
+        r = _r(c, m2_a, m2_b, ok_a, ok_b)
+        c32 = c.float()  # the rotations' products run in float32 (the d³ work; r to ~1e-6)
+        del c  # peak: r (float64) and c32 per layer of rows, besides the state
+        if full:
+            yield pa, r.float().cpu().numpy()
+        # a -> b: best partner over every column (first index wins ties: earlier layer)
+        j = r.argmax(1)
+        fwd["max_corr"][k] = r.max(1).values.cpu().numpy()
+        fwd["partner_layer"][k] = (j // db).cpu().numpy()
+        fwd["partner_index"][k] = (j % db).cpu().numpy()
+        fwd["min_corr"][k] = r.min(1).values.cpu().numpy()
+        # b -> a: this layer of rows, folded into the running best (strict: earlier wins)
+        rb, ri = r.max(0).values, r.argmax(0)
+        rb, ri = rb.reshape(nb, db).cpu().numpy(), ri.reshape(nb, db).cpu().numpy()
+        better = rb > rev["max_corr"]
+        rev["max_corr"] = np.where(better, rb, rev["max_corr"])
+        rev["partner_layer"] = np.where(better, pa, rev["partner_layer"]).astype(np.int32)
+        rev["partner_index"] = np.where(better, ri, rev["partner_index"]).astype(np.int32)
+        rev["min_corr"] = np.minimum(rev["min_corr"], r.min(0).values.reshape(nb, db).cpu().numpy())
+        # baselines: a against b's rotated layers, and b against a's rotated layer
+        qa = rot[(a, pa)].to(dev, torch.float32)
+        m2r_a = torch.as_tensor(la.m2_rot, **f64)
+        base = torch.full((da,), -math.inf, **f64)
+        for pb in range(nb):
+            lb = own[(b, pb)]
+            cb = c32[:, pb * db : (pb + 1) * db]
+            rr = _r((cb @ rot[(b, pb)].to(dev, torch.float32)).double(), m2_a,
+                    torch.as_tensor(lb.m2_rot, **f64), ok_a,
+                    torch.ones(db, dtype=torch.bool, device=dev))  # fmt: skip
+            base = torch.maximum(base, rr.max(1).values)
+            rq = _r((qa.T @ cb).double(), m2r_a, torch.as_tensor(lb.m2, **f64),
+                    torch.ones(da, dtype=torch.bool, device=dev), ~torch.as_tensor(lb.dead, device=dev))  # fmt: skip
+            rev["baseline_max_corr"][pb] = np.maximum(rev["baseline_max_corr"][pb],
+                                                      rq.max(0).values.cpu().numpy())  # fmt: skip
+            if layers[a][pa] == layers[b][pb]:
+                matching[pa] = match(r[:, pb * db : (pb + 1) * db].cpu().numpy())
+        fwd["baseline_max_corr"][k] = base.cpu().numpy()
+    # back to the models' layer numbers
+    fwd["partner_layer"] = np.asarray(layers[b], np.int32)[fwd["partner_layer"]]
+    seen = rev["partner_layer"] >= 0
+    rev["partner_layer"] = np.where(seen, np.asarray(layers[a] + [-1], np.int32)[rev["partner_layer"]], -1).astype(np.int32)
+    yield TileResult(tile, fwd, rev, matching)
+
+
+def assemble(n_models: int, layers: list[list[int]], d: list[int], n_layers: list[int],
+             results: list[TileResult]) -> dict[tuple[int, int], dict]:  # fmt: skip
+    """Every directed pair's arrays ``[n_layers_a, d_a]`` (rows of layers not compared stay
+    empty: -1 / NaN) and matchings, from the tile results (reduced in tile order: the result
+    does not depend on which worker finalised which tile)."""
+    out: dict[tuple[int, int], dict] = {}
+    for i, j in pairs(n_models):
+        for a, b in ((i, j), (j, i)):
+            arrays = _empty(n_layers[a], d[a])
+            for k in ("max_corr", "min_corr", "baseline_max_corr"):
+                arrays[k][:] = np.nan
+            out[(a, b)] = {"arrays": arrays,
+                           "matching": {"perm": np.full((n_layers[a], d[a]), -1, np.int64),
+                                        "corr": np.full((n_layers[a], d[a]), np.nan)}}  # fmt: skip
+    rev_acc: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for res in sorted(results, key=lambda r: (r.tile.a, r.tile.b, r.tile.lo)):
+        t = res.tile
+        fw = out[(t.a, t.b)]
+        rows = [layers[t.a][p] for p in range(t.lo, t.hi)]
+        for k in PAIR_KEYS:
+            fw["arrays"][k][rows] = res.fwd[k]
+        for pa, (perm, corr) in res.matching.items():
+            L = layers[t.a][pa]
+            fw["matching"]["perm"][L], fw["matching"]["corr"][L] = perm, corr
+            inv = np.full(d[t.b], -1, np.int64)
+            inv[perm[perm >= 0]] = np.flatnonzero(perm >= 0)
+            bw = out[(t.b, t.a)]["matching"]
+            bw["perm"][L] = inv
+            bw["corr"][L] = np.where(inv >= 0, corr[np.maximum(inv, 0)], np.nan)
+        acc = rev_acc.get((t.b, t.a))
+        if acc is None:
+            rev_acc[(t.b, t.a)] = {k: v.copy() for k, v in res.rev.items()}
+            continue
+        better = res.rev["max_corr"] > acc["max_corr"]
+        for k in ("partner_layer", "partner_index", "max_corr"):
+            acc[k] = np.where(better, res.rev[k], acc[k])
+        acc["min_corr"] = np.minimum(acc["min_corr"], res.rev["min_corr"])
+        acc["baseline_max_corr"] = np.maximum(acc["baseline_max_corr"], res.rev["baseline_max_corr"])
+    for (b, a), acc in rev_acc.items():
+        rows = layers[b]
+        for k in PAIR_KEYS:
+            out[(b, a)]["arrays"][k][rows] = acc[k]
+    return out
+
+
+def summarise(names: list[str], layers: list[list[int]],
+              pair_out: Mapping[tuple[int, int], dict],
+              own: Mapping[tuple[int, int], LayerMoments],
+              threshold: float) -> dict[tuple[int, int], dict[str, np.ndarray]]:  # fmt: skip
+    """Per model and compared layer: mean/max/min best-partner r over the other models, the
+    baseline, the excess and the universal label (excess above ``threshold``, not dead)."""
     summary: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for m in range(len(names)):
         others = [o for o in range(len(names)) if o != m]
-        for L in range(n_layers[m]):
+        for p, L in enumerate(layers[m]):
             mx = np.stack([pair_out[(m, o)]["arrays"]["max_corr"][L] for o in others])
             bl = np.stack([pair_out[(m, o)]["arrays"]["baseline_max_corr"][L] for o in others])
             mean, baseline = mx.mean(0), bl.mean(0)
             excess = mean - baseline
+            dead = own[(m, p)].dead
             summary[(m, L)] = {
                 "mean_max_corr": mean, "max_max_corr": mx.max(0), "min_max_corr": mx.min(0),
                 "baseline": baseline, "excess_corr": excess,
-                "universal": (excess > threshold) & ~dead[(m, L)], "dead": dead[(m, L)],
+                "universal": (excess > threshold) & ~dead, "dead": dead,
             }  # fmt: skip
-    return pair_out, summary
+    return summary
 
 
 COMPARED = ("frac_active", "kurt", "skew", "vocab_kurt", "vocab_skew", "w_out_norm",

@@ -229,6 +229,48 @@ class Store(Atlas):
             ) from None
         return {k: sg[k][...] for k in sg.array_keys()}
 
+    def write_checkpoint(self, key: str, arrays: Mapping[str, np.ndarray], cursor: int) -> None:
+        """Atomically replace the checkpoint of a unit of work under ``_work/<key>``: the new
+        state is written beside the old one, then the group's ``checkpoint`` attribute (the
+        commit point) names it, then the old one is dropped. A run killed at any point
+        leaves either checkpoint whole."""
+        g = _require_group(_require_group(self.root, WORK), key)
+        prev = g.attrs.get("checkpoint")
+        serial = prev["serial"] + 1 if prev else 0
+        name = f"ckpt-{serial}"
+        if name in g:  # a stray of a run killed before its commit
+            del g[name]
+        sg = g.create_group(name)
+        for k, a in arrays.items():
+            a = np.asarray(a)
+            sg.create_array(k, data=a if a.ndim else a.reshape(1), compressors=_FAST)
+        g.attrs["checkpoint"] = {"serial": serial, "cursor": int(cursor)}
+        if prev and f"ckpt-{prev['serial']}" in g:
+            del g[f"ckpt-{prev['serial']}"]
+
+    def read_checkpoint(self, key: str) -> tuple[dict[str, np.ndarray], int] | None:
+        """The committed checkpoint under ``_work/<key>`` and its cursor, or None."""
+        try:
+            g = self.root[WORK][key]
+        except KeyError:
+            return None
+        cp = g.attrs.get("checkpoint")
+        if not cp:
+            return None
+        sg = g[f"ckpt-{cp['serial']}"]
+        return {k: sg[k][...] for k in sg.array_keys()}, int(cp["cursor"])
+
+    def init_pair_corr(self, a: str, b: str, shape: tuple[int, int], block: tuple[int, int],
+                       dtype: str) -> None:  # fmt: skip
+        """Pre-size the full r matrix of ``a`` vs ``b`` (compared layers only), one chunk per
+        layer pair: workers finalising different tiles never share a chunk."""
+        g = self.root.require_group(UNIVERSALITY).require_group(pair_key(a, b))
+        _array(g, "corr", shape=shape, chunks=block, dtype=dtype, fill_value=np.nan, replace=True)
+
+    def write_pair_corr(self, a: str, b: str, row: int, col: int, r: np.ndarray) -> None:
+        arr = self.root[UNIVERSALITY][pair_key(a, b)]["corr"]
+        arr[row : row + r.shape[0], col : col + r.shape[1]] = r.astype(arr.dtype)
+
     def drop_partials(self, key: str) -> None:
         if WORK in self.root and key in self.root[WORK]:
             del self.root[WORK][key]

@@ -197,13 +197,15 @@ def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_har
     rec = atlas.neuron("fam-s1", 0, 5, k=2)
     assert len(rec.examples) == 2 and "[[" in rec.examples[0].text
     assert main(["info", str(tmp_path / "a.zarr"), "--json"]) == 0
-    # one stage recorded both members and correlated them: one forward per member and batch
+    # the first universality pass recorded both members (one forward per member and batch,
+    # no separate record stage), the second correlated them
     run = next(r for r in atlas.runs() if r["run"] == out["run"])
     stages = {st["stage"]: st for st in run["stages"]}
-    assert "record+universality" in stages and "seeds/fam" in stages
-    assert not {"universality", "record/fam-s0", "record/fam-s1"} & set(stages)
-    one = stages["record+universality"]
+    assert {"record+layers", "universality/pairs", "seeds/fam"} <= set(stages)
+    assert not {"record/fam-s0", "record/fam-s1"} & set(stages)
+    one = stages["record+layers"]
     assert one["passes_per_token"] == 1.0 and one["tokens"] == fam.corpus.attrs["n_tokens"]
+    assert one["forward_passes"] == stages["universality/pairs"]["forward_passes"]
     # its numbers against float64 on plain forwards of both members
     from ops.engine import attention_mask
     from ops.models import capture_mlp, load_model
@@ -229,3 +231,79 @@ def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_har
     # a rerun reuses the trained seeds and the finished atlas
     again = map_neurons(job)
     assert all(r["tokens"] == 0 for r in again["models"])
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_one_worker_agrees_with_two(
+        uni_atlas, tmp_path: Path, tiny_model_dir: Path) -> None:  # fmt: skip
+    """Kill a real `neuronmap run` once a pair worker has checkpointed its state (every shard
+    here), resume it: the pairs pass continues from the checkpoint (it runs fewer shards than
+    the corpus has), and the result, on one worker and other shard boundaries, equals the
+    fixture's two-worker atlas (to float64 rounding)."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    path, _, _ = uni_atlas
+    root = path.parent
+    atlas_path = tmp_path / "killed.zarr"
+    job = {
+        "atlas": str(atlas_path),
+        "corpus": {"seq_len": 24, "max_tokens": 2000, "shard_sequences": 4},
+        "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"},
+                   {"name": "perm", "source": str(root / "perm"), "dtype": "float32"},
+                   {"name": "other", "source": str(root / "other"), "dtype": "float32"}],
+        "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "properties": False},
+        "universality": {"models": ["base", "perm", "other"], "threshold": 0.2,
+                         "checkpoint_shards": 1},
+        "resources": {"workers": 1},
+    }  # fmt: skip
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    from prefect.settings import PREFECT_API_URL
+
+    # the session's Prefect server (a temporary one per run would add its start-up twice)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    run = [sys.executable, "-m", "flows.cli", "run", str(job_file)]
+    proc = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    ckpt = atlas_path / "_work" / "_universality" / "ckpt" / "g0" / "zarr.json"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                cp = json.loads(ckpt.read_text())["attributes"].get("checkpoint")
+                if cp and cp["cursor"] >= 2:
+                    break
+            assert proc.poll() is None, "run finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no pair checkpoint in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not Atlas.open(atlas_path).attrs.get("universality")
+    done = subprocess.run([*run, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    atlas = Atlas.open(atlas_path)
+    n_shards = len(atlas.shard_ranges())
+    last = atlas.runs()[-1]
+    pairs_stage = next(st for st in last["stages"] if st["stage"] == "universality/pairs")
+    assert 0 < pairs_stage["tokens"] < atlas.corpus.attrs["n_tokens"], pairs_stage  # resumed
+    assert n_shards > 10
+    ref = Atlas.open(path)
+    for a, b in (("base", "perm"), ("perm", "base"), ("base", "other"), ("other", "perm")):
+        got, want = atlas.pair(a, b), ref.pair(a, b)
+        for k in ("max_corr", "min_corr", "baseline_max_corr"):
+            np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=f"{a}->{b} {k}")
+        clear = want["max_corr"] > 0.5
+        np.testing.assert_array_equal(got["partner_index"][clear], want["partner_index"][clear])
+    for L in range(3):
+        np.testing.assert_array_equal(atlas.matching("perm", "base", L)[0],
+                                      ref.matching("perm", "base", L)[0])  # fmt: skip
+    assert not (atlas_path / "_work").exists()

@@ -7,13 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ops.correlation import FamilyMoments, OwnTile, PairTile
 from ops.engine import (
     ActivationFeed,
     ActivationPass,
     ActivationSample,
-    CrossMoments,
     FeatureStats,
     NeuronStats,
+    TileMoments,
     attention_mask,
     batches,
 )
@@ -70,8 +71,8 @@ def test_one_forward_feeds_every_consumer(two_models) -> None:
         "sample": ActivationSample((0, 1), 48, want),
         "feed": ActivationFeed((0, 1)),
         "feat": FeatureStats((0, 1), lambda x: torch.relu(x @ w), 5, 4, spec),
-        "cross": CrossMoments((0, 1), (1, 0), 48, 48),
-        "own": CrossMoments((1, 0), (1, 0), 48, 48),
+        "tiles": TileMoments(FamilyMoments(
+            [PairTile(0, 1, 0, 1), OwnTile(1, 0, 1)], {0: [1], 1: [0]}, {0: 48, 1: 48})),
     }
     calls = {"a": 0, "b": 0}
     ha = a.model.register_forward_pre_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
@@ -108,10 +109,11 @@ def test_one_forward_feeds_every_consumer(two_models) -> None:
     z = np.maximum(x1 @ w.double().numpy(), 0)
     fs = FeatureStats.finalize(cons["feat"].state())
     np.testing.assert_allclose(fs["mean"], z.mean(0), rtol=1e-4, atol=1e-6)
-    cm = cons["cross"].state()
-    np.testing.assert_allclose(cm.pearson(), np.corrcoef(x1.T, y0.T)[:48, 48:], atol=1e-5)
-    own = cons["own"].state()
-    np.testing.assert_allclose(own.c, (y0 - y0.mean(0)).T @ (y0 - y0.mean(0)), rtol=1e-4,
+    acc = cons["tiles"].acc
+    c = acc.centred(PairTile(0, 1, 0, 1)).numpy()
+    np.testing.assert_allclose(c, (x1 - x1.mean(0)).T @ (y0 - y0.mean(0)), rtol=1e-4, atol=1e-6)
+    (own,) = acc.centred(OwnTile(1, 0, 1)).numpy()
+    np.testing.assert_allclose(own, (y0 - y0.mean(0)).T @ (y0 - y0.mean(0)), rtol=1e-4,
                                atol=1e-6)  # fmt: skip
 
 
