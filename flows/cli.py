@@ -166,6 +166,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What the universality stage of a job will hold and run, and how long its products
+    take at a given rate, from the job's config alone."""
+    job = load_job(args.job)
+    from flows.universality import job_plan
+
+    gpus = args.gpus or job.resources.gpus is True
+    names, plan = job_plan(job, args.workers, gpus, args.memory_gb)
+    tokens = args.tokens or job.corpus.max_tokens
+    if not tokens:
+        raise JobConfigError("field 'corpus.max_tokens' is not set: give --tokens")
+    rate = args.tflops * 1e12
+    out = plan.to_dict() | {"models": names, "tokens": tokens, "tflops": args.tflops,
+                            "projected_s": plan.seconds(tokens, rate)}  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(plan.describe(names))
+    print(f"products over {tokens:,} tokens at {args.tflops:g} TFLOP/s per worker: "
+          f"{out['projected_s'] / 60:,.1f} min on {plan.workers} worker"
+          f"{'s' * (plan.workers > 1)} (forwards and finalising not included; "
+          "bench/universality.py measures a device's rate)")  # fmt: skip
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit ``neuronmap run JOB`` to a Ray cluster through its Jobs API (flows.submit)."""
     if args.resume and args.overwrite:
@@ -505,6 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", action="store_true",
                     help="follow the job's log until it ends; exit with its status")  # fmt: skip
     sb.set_defaults(fn=cmd_submit)
+    pl = sub.add_parser("plan", help="the universality plan of a job (state per worker, "
+                        "checkpoints, waves, projected time), from its config alone")  # fmt: skip
+    pl.add_argument("job", help="job YAML file")
+    pl.add_argument("--workers", type=int, help="workers (default: the job's)")
+    pl.add_argument("--gpus", action="store_true", help="plan for CUDA workers (float32 "
+                    "buffers beside the float64 state; 80 GiB per worker unless --memory-gb)")  # fmt: skip
+    pl.add_argument("--memory-gb", type=float, help="state per worker (overrides the job's)")
+    pl.add_argument("--tokens", type=int, help="tokens (default: the job's corpus.max_tokens)")
+    pl.add_argument("--tflops", type=float, default=600.0,
+                    help="GEMM rate per worker (default 600: bf16 on an H100/H200)")  # fmt: skip
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
     i = sub.add_parser("info", help="summarise an atlas")
     i.add_argument("atlas")
     i.add_argument("--json", action="store_true")

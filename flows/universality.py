@@ -179,6 +179,28 @@ def _close_pairs(shapes: Shapes, tile_ids: dict, ctx: Shard, unit: Unit, held: _
     return {}
 
 
+def _close_range(ctx: Shard, unit: Unit, held: _Held) -> dict:
+    """A shard range of a group: its tiles' centred co-moments, merged where the group is
+    finalised (``_restore_ranges``)."""
+    arrays = {f"{i}.{f}": v for i, tile in enumerate(held.acc.tiles)
+              for f, v in held.acc.pair_moments(tile).to_arrays().items()}  # fmt: skip
+    ctx.atlas.write_partial(f"{WORK}/parts/g{unit.spec}", int(unit.key.rsplit("r", 1)[1]), arrays)
+    return {}
+
+
+def _restore_ranges(split: int, ctx: Shard, unit: Unit, held: _Held) -> int:
+    """A group's state: its ranges' co-moments merged in range order (nothing left to feed)."""
+    fields = ("n", "mean_a", "mean_b", "m2_a", "m2_b", "c")
+    merged: dict = {}
+    for r in range(split):
+        part = ctx.atlas.read_partial(f"{WORK}/parts/g{unit.spec}", r)
+        for i, tile in enumerate(held.acc.tiles):
+            cm = CoMoments.from_arrays({f: part[f"{i}.{f}"] for f in fields})
+            merged[tile] = cm if tile not in merged else merged[tile].merge(cm)
+    held.acc.load_moments(merged)
+    return 0
+
+
 def _tile_arrays(res: TileResult) -> dict[str, np.ndarray]:
     out = {f"fwd.{k}": v for k, v in res.fwd.items()} | {f"rev.{k}": v for k, v in res.rev.items()}
     for pa, (perm, corr) in res.matching.items():
@@ -205,6 +227,35 @@ def _budget(cfg: UniversalityConfig, workers: int, gpus: bool) -> int:
     import psutil
 
     return int(psutil.virtual_memory().total * 0.5 / max(workers, 1))
+
+
+def job_plan(job: JobConfig, workers: int | None = None, gpus: bool = False,
+             memory_gb: float | None = None) -> tuple[list[str], Plan]:  # fmt: skip
+    """The universality plan of a job from its config alone (model configs, or the seed
+    family's shape): nothing is loaded, trained or read besides ``config.json`` files."""
+    from flows.preflight import resolve_layers
+    from ops.models import model_info
+
+    cfg = job.universality
+    if job.seeds is not None and (cfg is None or cfg.family is not None):
+        sd = job.seeds
+        names = [f"{sd.name}-s{i}" for i in range(sd.count)]
+        layers, d = [list(range(sd.layers))] * sd.count, [sd.d_mlp] * sd.count
+        cfg = cfg or UniversalityConfig(family=sd.name)
+    elif cfg is not None and cfg.models is not None:
+        chosen = [m for m in job.models if m.name in cfg.models]
+        names, layers, d = [m.name for m in chosen], [], []
+        for m in chosen:
+            info = model_info(m.source, m.revision)
+            layers.append(resolve_layers(job, m, info["n_layers"])[0])
+            d.append(info["d_mlp"])
+    else:
+        raise JobConfigError("field 'universality': this job compares no models (give "
+                             "'universality' or 'seeds')")  # fmt: skip
+    w = workers or job.resources.workers
+    if memory_gb is not None:
+        cfg = cfg.model_copy(update={"memory_gb": memory_gb})
+    return names, plan(layers, d, w, _budget(cfg, w, gpus), flush=gpus)
 
 
 def _no_stats(_shard: Shard) -> list[Consumer]:
@@ -260,22 +311,37 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
         atlas.mark(first.name, first.key, complete=True)
         atlas.drop_partials(f"{WORK}/ranges")
 
-    # pass 2: the tile groups
+    # pass 2: the tile groups; with fewer groups than workers, each group's shards are split
+    # into ranges (token-parallel) whose states are merged, in range order, where it is
+    # finalised
     groups = the_plan.groups
     tile_ids = {t: i for i, t in enumerate(t for g in groups for t in g)}
-    units = [Unit(f"g{i}", tuple(range(n_shards)), i) for i in range(len(groups))]
-    pair_key = job.fingerprint(key, "pairs", json.dumps(the_plan.to_dict()["groups"]))
+    split = min(max(1, res.workers // len(groups)), n_shards)
+    cuts = np.linspace(0, n_shards, split + 1).round().astype(int)
+    units = [Unit(f"g{i}" if split == 1 else f"g{i}r{r}", tuple(range(cuts[r], cuts[r + 1])), i)
+             for i in range(len(groups)) for r in range(split)]  # fmt: skip
+    pair_key = job.fingerprint(key, "pairs", str(split),
+                               json.dumps(the_plan.to_dict()["groups"]))  # fmt: skip
     if cfg.keep_full and atlas.done("universality/pairs").get("fingerprint") != pair_key:
         for i, j in [(i, j) for g in groups for t in g for (i, j) in ((t.a, t.b), (t.b, t.a))]:
             atlas.init_pair_corr(names[i], names[j], (len(layers[i]) * d[i], len(layers[j]) * d[j]),
                                  (d[i], d[j]), cfg.full_dtype)  # fmt: skip
+    finalise = partial(_close_pairs, shapes, tile_ids)
+    tiles_of = lambda u: groups[u.spec]  # noqa: E731
     second = Stage(name="universality/pairs", key=pair_key, build=_no_stats,
                    persist=_no_persist, description="pair co-moments",
-                   span=Span(open=partial(_open, shapes, lambda u: groups[u.spec]),
-                             restore=_restore, save=_save,
-                             close=partial(_close_pairs, shapes, tile_ids),
+                   span=Span(open=partial(_open, shapes, tiles_of), restore=_restore, save=_save,
+                             close=finalise if split == 1 else _close_range,
                              every_shards=cfg.checkpoint_shards, every_s=every_s), **common)  # fmt: skip
     run_units(second, job.atlas, units, res, ledger)
+    if split > 1:  # one unit per group, no shards: merge its ranges, finalise
+        third = Stage(name="universality/finalise", key=pair_key, build=_no_stats,
+                      persist=_no_persist, description="finalise tiles",
+                      span=Span(open=partial(_open, shapes, tiles_of),
+                                restore=partial(_restore_ranges, split), save=_save,
+                                close=finalise, every_s=None), **common)  # fmt: skip
+        run_units(third, job.atlas, [Unit(f"g{i}", (), i) for i in range(len(groups))], res,
+                  ledger)  # fmt: skip
     atlas.mark(second.name, second.key, complete=True)
     out = _merge(key, cfg, shapes, the_plan, own, tile_ids, atlas)
     return out | {"first_pass": acct}

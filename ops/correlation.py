@@ -314,6 +314,25 @@ class FamilyMoments:
             self.c[tile] = c
         self._pending = 0
 
+    def load_moments(self, moments: dict[PairTile, CoMoments]) -> None:
+        """Start from merged centred co-moments of every pair tile (workers that each took a
+        range of the shards): the state is then that of one worker that saw them all, with
+        the mean as shift and unit scale."""
+        dev = self.device
+        for tile, cm in moments.items():
+            self.n = cm.n
+            for m, cols, mean, m2 in ((tile.a, self._cols(tile.a, tile.lo, tile.hi), cm.mean_a,
+                                       cm.m2_a), (tile.b, slice(None), cm.mean_b, cm.m2_b)):  # fmt: skip
+                if m not in self.shift:
+                    self.shift[m] = torch.zeros_like(self.s[m])
+                    self.scale[m] = torch.ones_like(self.s[m])
+                self.shift[m][cols] = torch.as_tensor(mean, dtype=torch.float64, device=dev)
+                self.scale[m][cols] = 1.0
+                self.s[m][cols] = 0.0
+                self.q[m][cols] = torch.as_tensor(m2, dtype=torch.float64, device=dev)
+            self.c[tile] = torch.as_tensor(cm.c, dtype=torch.float64, device=dev).clone()
+        self._pending = 0
+
     def columns(self, m: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Mean and centred ``M2`` (float64, true units) of model ``m``'s columns, and ``n``."""
         n = max(self.n, 1)

@@ -79,6 +79,22 @@ class Plan:
                 for g in self.groups for t in g)  # fmt: skip
         return float(n + sum(2 * len(ls) * d * d for ls, d in zip(self.layers, self.d, strict=True)))
 
+    def group_flops(self, g: int) -> float:
+        """GEMM flops per token of one group."""
+        return float(sum(2 * (t.hi - t.lo) * self.d[t.a] * len(self.layers[t.b]) * self.d[t.b]
+                         for t in self.groups[g]))  # fmt: skip
+
+    def seconds(self, tokens: float, flops_per_s: float) -> float:
+        """Projected time of the products over ``tokens`` at ``flops_per_s`` per worker: the
+        within-layer pass spread over the workers, then each wave as long as its busiest
+        group (forwards and finalising not included)."""
+        own = sum(2 * len(ls) * d * d for ls, d in zip(self.layers, self.d, strict=True))
+        t = own * tokens / (flops_per_s * self.workers)
+        for w in range(self.waves):
+            wave = range(w * self.workers, min((w + 1) * self.workers, len(self.groups)))
+            t += max(self.group_flops(g) for g in wave) * tokens / flops_per_s
+        return t
+
     def to_dict(self) -> dict:
         return {"workers": self.workers, "budget_bytes": self.budget,
                 "groups": [[[t.a, t.b, t.lo, t.hi] for t in g] for g in self.groups],
@@ -111,20 +127,16 @@ def tile_bytes(t: Tile, layers: list[list[int]], d: list[int], flush: bool) -> i
     return n * (12 if flush else 8)
 
 
-SPLIT_TO = 4
-"""Pairs are cut into at least this many tiles per worker when their layers allow: with 10
-pairs on 8 workers, whole pairs would leave the slowest worker two pairs (1.6x the mean)."""
-
-
 def plan(layers: list[list[int]], d: list[int], workers: int, budget: int,
          flush: bool = False) -> Plan:  # fmt: skip
-    """Cut every pair into row tiles of whole layers that fit ``budget`` bytes, into at least
-    ``workers`` tiles when the layers allow (every worker busy), and pack them into groups (a
-    group = one worker's state for one pass over the tokens). Fails at once, naming the knob,
-    when a single layer of rows cannot fit."""
+    """Divide the work into groups (a group = one worker's state over one pass of the tokens):
+    every pair's rows, a layer at a time and in pair order, cut into contiguous runs of equal
+    work, at least one per worker, none over ``budget`` bytes. A group thus holds few pairs
+    (few models run forwards for it) and the workers finish together. Each run of one pair's
+    rows is a tile. Fails at once, naming the knob, when one layer of rows cannot fit."""
     if len(layers) < 2:
         raise ConfigError("universality compares at least two models")
-    cut: list[PairTile] = []
+    rows: list[tuple[int, int, int]] = []  # (a, b, layer position of a), in pair order
     for i, j in pairs(len(layers)):
         one = tile_bytes(PairTile(i, j, 0, 1), layers, d, flush)
         if one > budget:
@@ -134,34 +146,33 @@ def plan(layers: list[list[int]], d: list[int], workers: int, budget: int,
                 f"{budget / 2**30:.2f} GiB a worker may hold; raise universality.memory_gb, or "
                 "compare fewer layers (job 'layers')"
             )
-        per = max(1, budget // one)
-        n = len(layers[i])
-        cut += [PairTile(i, j, lo, min(n, lo + per)) for lo in range(0, n, per)]
-    # split the largest tiles (when the layers allow) until there are a few per worker: every
-    # worker busy, and groups of near-equal work however the pairs divide among the workers
-    while len(cut) < SPLIT_TO * workers:
-        big = max(cut, key=lambda t: (t.hi - t.lo, -cut.index(t)))
-        if big.hi - big.lo < 2:
-            break
-        mid = (big.lo + big.hi) // 2
-        k = cut.index(big)
-        cut[k : k + 1] = [PairTile(big.a, big.b, big.lo, mid), PairTile(big.a, big.b, mid, big.hi)]
-    # pack: largest first into the group with the least state that still has room
-    size = {t: tile_bytes(t, layers, d, flush) for t in cut}
-    n_groups = max(min(workers, len(cut)), math.ceil(sum(size.values()) / budget))
-    groups: list[list[PairTile]] = [[] for _ in range(n_groups)]
-    held = [0] * n_groups
-    for t in sorted(cut, key=lambda t: (-size[t], t.a, t.b, t.lo)):
-        room = [g for g in range(len(groups)) if held[g] + size[t] <= budget]
-        if not room:
-            groups.append([])
+        rows += [(i, j, p) for p in range(len(layers[i]))]
+    size = [tile_bytes(PairTile(a, b, p, p + 1), layers, d, flush) for a, b, p in rows]
+    total = sum(size)
+    n_groups = max(min(workers, len(rows)), math.ceil(total / budget))
+    share = total / n_groups
+    runs: list[list[int]] = [[]]
+    held = [0]
+    done = 0.0
+    for r, sz in enumerate(size):
+        # a row goes to the group its middle falls in; never over the budget
+        want = min(int((done + sz / 2) // share), n_groups - 1)
+        if runs[-1] and (held[-1] + sz > budget or len(runs) - 1 < want):
+            runs.append([])
             held.append(0)
-            room = [len(groups) - 1]
-        g = min(room, key=lambda g: (held[g], g))
-        groups[g].append(t)
-        held[g] += size[t]
-    keep = [g for g in range(len(groups)) if groups[g]]
-    groups = [sorted(groups[g], key=lambda t: (t.a, t.b, t.lo)) for g in keep]
+        runs[-1].append(r)
+        held[-1] += sz
+        done += sz
+    groups: list[list[PairTile]] = []
+    for run in runs:
+        tiles: list[PairTile] = []
+        for r in run:
+            a, b, p = rows[r]
+            if tiles and (tiles[-1].a, tiles[-1].b) == (a, b) and tiles[-1].hi == p:
+                tiles[-1] = PairTile(a, b, tiles[-1].lo, p + 1)
+            else:
+                tiles.append(PairTile(a, b, p, p + 1))
+        groups.append(tiles)
     own = [[OwnTile(m, 0, len(ls))] for m, ls in enumerate(layers)]
     own_bytes = [tile_bytes(t, layers, d, flush) for g in own for t in g]
     if max(own_bytes) > budget:
@@ -170,8 +181,7 @@ def plan(layers: list[list[int]], d: list[int], workers: int, budget: int,
             f"{max(own_bytes) / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB a worker may "
             "hold; raise universality.memory_gb"
         )
-    return Plan(layers, d, workers, budget, groups, own,
-                [held[g] for g in keep], own_bytes, flush)  # fmt: skip
+    return Plan(layers, d, workers, budget, groups, own, held, own_bytes, flush)
 
 
 # ------------------------------------------------------------------ per (model, layer)

@@ -215,3 +215,27 @@ def test_own_moments_merge_across_ranges() -> None:
         assert isinstance(cm, CoMoments) and cm.n == 600
         blk = x[:, k * D : (k + 1) * D]
         np.testing.assert_allclose(cm.c, blk.T @ blk, rtol=1e-5, atol=1e-3)
+
+
+def test_ranges_merged_into_one_state_finalise_like_one_worker() -> None:
+    """Token-parallel: two workers' ranges of a tile, merged and loaded into a fresh
+    accumulator (``load_moments``), finalise to what one worker that saw everything gives."""
+    xs, _ = _family()
+    tile = PairTile(0, 2, 0, 3)
+    one = FamilyMoments([tile], LAYERS, DIMS)
+    _feed(one, xs, LAYERS, slice(0, 600))
+    parts = []
+    for rows in (slice(0, 230), slice(230, 600)):
+        acc = FamilyMoments([tile], LAYERS, DIMS)
+        _feed(acc, xs, LAYERS, rows)
+        parts.append(acc.pair_moments(tile))
+    loaded = FamilyMoments([tile], LAYERS, DIMS)
+    loaded.load_moments({tile: parts[0].merge(parts[1])})
+    # equal up to the float32 products (each side shifted differently)
+    np.testing.assert_allclose(loaded.centred(tile).numpy(), one.centred(tile).numpy(),
+                               rtol=1e-5, atol=1e-3)  # fmt: skip
+    for m in (0, 2):
+        for got, want in zip(loaded.columns(m), one.columns(m), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(loaded.pair_moments(tile).pearson(), one.pair_moments(tile).pearson(),
+                               atol=1e-6)  # fmt: skip
