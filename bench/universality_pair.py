@@ -105,7 +105,7 @@ def main() -> None:
                        "shard_sequences": 8},
             "models": [{"name": f"g{i}", "source": str(tmp / f"g{i}"), "dtype": "float32"}
                        for i in (0, 1)],
-            "record": {"properties": False, "sample_tokens": 0},
+            "record": {"properties": False, "sample_tokens": 0, "batch_size": 8},
             "resources": {"workers": args.workers},
         }  # fmt: skip
         rec = run(base | {"atlas": str(tmp / "rec.zarr")}, tmp, "record")

@@ -170,10 +170,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """What the universality stage of a job will hold and run, and how long its products
     take at a given rate, from the job's config alone."""
     job = load_job(args.job)
-    from flows.universality import job_plan
+    from flows.preflight import job_plan
 
     gpus = args.gpus or job.resources.gpus is True
-    names, plan = job_plan(job, args.workers, gpus, args.memory_gb)
+    planned = job_plan(job, args.workers, gpus, args.memory_gb)
+    if planned is None:
+        raise JobConfigError("field 'universality': this job compares no models whose shape "
+                             "is known from their config (give 'universality' or 'seeds')")  # fmt: skip
+    names, plan = planned
     tokens = args.tokens or job.corpus.max_tokens
     if not tokens:
         raise JobConfigError("field 'corpus.max_tokens' is not set: give --tokens")

@@ -18,7 +18,8 @@ from pathlib import Path
 import flows
 from flows.config import JobConfig, JobConfigError, ModelConfig
 from ops.corpus import BUNDLED_SOURCES, check_corpus
-from ops.sources import check_source, n_layers
+from ops.plan import Plan, default_budget, plan
+from ops.sources import check_source, mlp_width, n_layers
 from storage import location
 from storage.atlas import Atlas, AtlasError
 from storage.lease import Lease, lock_path
@@ -44,6 +45,46 @@ def preflight(job: JobConfig, resume: bool = False, overwrite: bool = False) -> 
             if d is not None and d.model == m.name and d.layer not in layers:
                 raise JobConfigError(f"field 'dictionaries.layer': layer {d.layer} is not "
                                      f"recorded for model {m.name!r} (layers {layers})")  # fmt: skip
+    check_universality_plan(job)
+
+
+def job_plan(job: JobConfig, workers: int | None = None, gpus: bool = False,
+             memory_gb: float | None = None) -> tuple[list[str], Plan] | None:  # fmt: skip
+    """The universality plan of ``job`` from its config alone (the seed family's shape, or
+    the compared models' ``config.json``): no torch, nothing loaded. None when the job
+    compares nothing, or a model's shape is not known before it loads (a hub id, SmolLM2
+    before its first use)."""
+    cfg = job.universality
+    if job.seeds is not None and (cfg is None or cfg.family is not None):
+        sd = job.seeds
+        names = [f"{sd.name}-s{i}" for i in range(sd.count)]
+        layers, d = [list(range(sd.layers))] * sd.count, [sd.d_mlp] * sd.count
+    elif cfg is not None and cfg.models is not None:
+        names, layers, d = [], [], []
+        for m in (m for m in job.models if m.name in cfg.models):
+            config = check_source(m.source, m.revision)
+            n = n_layers(config) if config is not None else None
+            width = mlp_width(config) if config is not None else None
+            if n is None or width is None:
+                return None
+            names.append(m.name)
+            layers.append(resolve_layers(job, m, n)[0])
+            d.append(width)
+    else:
+        return None
+    w = workers or job.resources.workers
+    mem = memory_gb if memory_gb is not None else (cfg.memory_gb if cfg is not None else None)
+    return names, plan(layers, d, w, default_budget(mem, w, gpus), flush=gpus)
+
+
+def check_universality_plan(job: JobConfig) -> None:
+    """A universality plan that can never fit a worker fails now, naming the knob, not after
+    hours of recording. Where the workers' kind is not known yet (``resources.gpus: auto``)
+    only an explicit ``universality.memory_gb`` is checked."""
+    cfg = job.universality
+    if job.resources.gpus == "auto" and (cfg is None or cfg.memory_gb is None):
+        return
+    job_plan(job, gpus=job.resources.gpus is True)
 
 
 # ------------------------------------------------------------------ the atlas

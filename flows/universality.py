@@ -32,6 +32,7 @@ from flows.record import note_speed, record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments, FamilyMoments, merge_comoments
 from ops.engine import Consumer, NeuronStats, TileMoments
+from ops.plan import default_budget
 from ops.stats import HistSpec, hist_spec, stack_partials
 from ops.universality import (
     LayerMoments,
@@ -219,45 +220,6 @@ def _tile_result(tile: Any, arrays: dict[str, np.ndarray]) -> TileResult:
 # ------------------------------------------------------------------ the driver
 
 
-def _budget(cfg: UniversalityConfig, workers: int, gpus: bool) -> int:
-    if cfg.memory_gb is not None:
-        return int(cfg.memory_gb * 2**30)
-    if gpus:
-        return 80 * 2**30
-    import psutil
-
-    return int(psutil.virtual_memory().total * 0.5 / max(workers, 1))
-
-
-def job_plan(job: JobConfig, workers: int | None = None, gpus: bool = False,
-             memory_gb: float | None = None) -> tuple[list[str], Plan]:  # fmt: skip
-    """The universality plan of a job from its config alone (model configs, or the seed
-    family's shape): nothing is loaded, trained or read besides ``config.json`` files."""
-    from flows.preflight import resolve_layers
-    from ops.models import model_info
-
-    cfg = job.universality
-    if job.seeds is not None and (cfg is None or cfg.family is not None):
-        sd = job.seeds
-        names = [f"{sd.name}-s{i}" for i in range(sd.count)]
-        layers, d = [list(range(sd.layers))] * sd.count, [sd.d_mlp] * sd.count
-        cfg = cfg or UniversalityConfig(family=sd.name)
-    elif cfg is not None and cfg.models is not None:
-        chosen = [m for m in job.models if m.name in cfg.models]
-        names, layers, d = [m.name for m in chosen], [], []
-        for m in chosen:
-            info = model_info(m.source, m.revision)
-            layers.append(resolve_layers(job, m, info["n_layers"])[0])
-            d.append(info["d_mlp"])
-    else:
-        raise JobConfigError("field 'universality': this job compares no models (give "
-                             "'universality' or 'seeds')")  # fmt: skip
-    w = workers or job.resources.workers
-    if memory_gb is not None:
-        cfg = cfg.model_copy(update={"memory_gb": memory_gb})
-    return names, plan(layers, d, w, _budget(cfg, w, gpus), flush=gpus)
-
-
 def _no_stats(_shard: Shard) -> list[Consumer]:
     return []
 
@@ -283,7 +245,8 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
 
     gpus = res.gpus is True or (res.gpus == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     names = [m.name for m in models]
-    the_plan = plan(layers, d, res.workers, _budget(cfg, res.workers, gpus), flush=gpus)
+    the_plan = plan(layers, d, res.workers, default_budget(cfg.memory_gb, res.workers, gpus),
+                    flush=gpus)  # fmt: skip
     log.info("%s", the_plan.describe(names))
     atlas.touch(universality_plan=the_plan.to_dict())
     shapes = Shapes(names, layers, d, cfg.seed, cfg.matmul_dtype, cfg.flush_tokens, cfg.keep_full)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ops.errors import ConfigError
+from ops.plan import PairTile, Tile
 
 
 @dataclass
@@ -124,33 +125,6 @@ def match(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------- at scale
 
 
-@dataclass(frozen=True)
-class PairTile:
-    """Co-moments of a block of model ``a``'s compared layers (positions ``lo:hi`` in its list
-    of compared layers: the tile's rows) with every compared layer of model ``b`` (columns).
-
-    A whole pair is one tile when its state fits a worker; otherwise the planner
-    (``ops.universality.plan``) cuts it into row tiles of whole layers."""
-
-    a: int
-    b: int
-    lo: int
-    hi: int
-
-
-@dataclass(frozen=True)
-class OwnTile:
-    """The within-layer covariances of layers ``lo:hi`` (positions) of one model: what the
-    rotation baseline needs (``diag(Qᵀ C Q)`` per layer)."""
-
-    model: int
-    lo: int
-    hi: int
-
-
-Tile = PairTile | OwnTile
-
-
 class FamilyMoments:
     """Co-moments of many tiles over the same tokens, held across every batch and shard a
     worker is given.
@@ -233,10 +207,10 @@ class FamilyMoments:
                 self.shift[m] = x.mean(0)
                 std = x.std(0, correction=0)
                 self.scale[m] = torch.where(std > 0, std, torch.ones_like(std))
-            yf = (x - self.shift[m]) / self.scale[m]
+            yf = x.sub_(self.shift[m]).div_(self.scale[m])  # in place: x is our own copy
             ones = torch.ones(t, dtype=torch.float32, device=yf.device)
-            self.s[m] += ones @ yf  # GEMVs: ~10x faster than .sum(0) on CPU
-            self.q[m] += ones @ (yf * yf)
+            self.s[m] += ones @ yf  # a GEMV: ~10x faster than .sum(0) on CPU
+            self.q[m] += torch.linalg.vector_norm(yf, dim=0).square_()  # no [T, D] temporary
             y[m] = yf if self.matmul_dtype == torch.float32 else yf.to(self.matmul_dtype)
         assert t is not None
         for tile in self.tiles:
@@ -361,12 +335,15 @@ class FamilyMoments:
             mub = self.s[tile.b] / n
             sa = self.scale[tile.a][ca][rows].double()
             sb = self.scale[tile.b][cb].double()
-            c = self.c[tile][rows] - self.n * torch.outer(mua, mub)
-            return c * sa[:, None] * sb[None, :]
+            # in place on one copy: a block of rows may be a large part of the state
+            c = self.c[tile][rows].clone()
+            c.addr_(mua, mub, alpha=-self.n)
+            return c.mul_(sa[:, None]).mul_(sb[None, :])
         m = tile.model
         cm = self._cols(m, tile.lo, tile.hi)
         L, d = tile.hi - tile.lo, self.d[m]
         mu = (self.s[m][cm] / n).reshape(L, d)
         sc = self.scale[m][cm].double().reshape(L, d)
-        c = self.c[tile] - self.n * mu[:, :, None] * mu[:, None, :]
-        return c * sc[:, :, None] * sc[:, None, :]
+        c = self.c[tile].clone()
+        c.baddbmm_(mu[:, :, None], mu[:, None, :], alpha=-self.n)
+        return c.mul_(sc[:, :, None]).mul_(sc[:, None, :])

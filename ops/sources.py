@@ -81,6 +81,18 @@ def n_layers(config: dict[str, Any]) -> int | None:
     return None
 
 
+def mlp_width(config: dict[str, Any]) -> int | None:
+    """MLP neurons per layer from a ``config.json`` mapping (``None`` when it does not say in
+    a way this check knows; ``ops.models.arch_spec`` is the authority once a model loads)."""
+    for cfg in (config, config.get("text_config") or {}):
+        size = cfg.get("intermediate_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        if isinstance(cfg.get("n_embd"), int):  # GPT-2
+            return int(cfg.get("n_inner") or 4 * cfg["n_embd"])
+    return None
+
+
 def check_model_dir(source: str, directory: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a local model directory, after checking that the directory
     also holds a tokenizer and weights (what loading it in a worker needs)."""

@@ -13,22 +13,18 @@ the Hungarian matching of equal layers. Only O(neurons) results leave the worker
 
 from __future__ import annotations
 
-import itertools
 import math
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ops.correlation import CoMoments, FamilyMoments, OwnTile, PairTile, Tile, constant, match
-from ops.errors import ConfigError
+from ops.correlation import CoMoments, FamilyMoments, constant, match
+from ops.plan import OwnTile, PairTile, Plan, pairs, plan, tile_bytes
 
-
-def pairs(n: int) -> list[tuple[int, int]]:
-    """Every unordered model pair ``(i, j)``, ``i < j``, in a fixed order."""
-    return list(itertools.combinations(range(n), 2))
+__all__ = ["Plan", "pairs", "plan", "tile_bytes"]  # the plan lives in ops.plan (no torch)
 
 
 def rotation_seed(seed: int, model: str, layer: int) -> int:
@@ -42,146 +38,6 @@ def rotation(d: int, seed: int) -> torch.Tensor:
     g = torch.from_numpy(np.random.default_rng(seed).standard_normal((d, d)))
     q, r = torch.linalg.qr(g)
     return q * torch.sign(torch.diagonal(r))[None, :]
-
-
-# ------------------------------------------------------------------ the plan
-
-
-@dataclass
-class Plan:
-    """What the universality stage will hold and run, decided from shapes alone."""
-
-    layers: list[list[int]]  # compared layers per model
-    d: list[int]
-    workers: int
-    budget: int  # bytes of state one worker may hold
-    groups: list[list[PairTile]]  # one unit of work per group: all tokens, one worker
-    own: list[list[OwnTile]]  # the cheap first pass: within-layer covariances
-    group_bytes: list[int] = field(default_factory=list)
-    own_bytes: list[int] = field(default_factory=list)
-    flush: bool = False  # float32 buffers beside the float64 state (GPU)
-
-    @property
-    def waves(self) -> int:
-        """Rounds of pair groups: more groups than workers run one after another."""
-        return math.ceil(len(self.groups) / self.workers)
-
-    @property
-    def forwards_per_token(self) -> int:
-        """Model forwards per corpus token over both passes."""
-        first = len(self.layers) * 1
-        return first + sum(len({t.a for t in g} | {t.b for t in g}) for g in self.groups)
-
-    @property
-    def flops_per_token(self) -> float:
-        """GEMM flops per token (pair tiles and own tiles)."""
-        n = sum(2 * (t.hi - t.lo) * self.d[t.a] * len(self.layers[t.b]) * self.d[t.b]
-                for g in self.groups for t in g)  # fmt: skip
-        return float(n + sum(2 * len(ls) * d * d for ls, d in zip(self.layers, self.d, strict=True)))
-
-    def group_flops(self, g: int) -> float:
-        """GEMM flops per token of one group."""
-        return float(sum(2 * (t.hi - t.lo) * self.d[t.a] * len(self.layers[t.b]) * self.d[t.b]
-                         for t in self.groups[g]))  # fmt: skip
-
-    def seconds(self, tokens: float, flops_per_s: float) -> float:
-        """Projected time of the products over ``tokens`` at ``flops_per_s`` per worker: the
-        within-layer pass spread over the workers, then each wave as long as its busiest
-        group (forwards and finalising not included)."""
-        own = sum(2 * len(ls) * d * d for ls, d in zip(self.layers, self.d, strict=True))
-        t = own * tokens / (flops_per_s * self.workers)
-        for w in range(self.waves):
-            wave = range(w * self.workers, min((w + 1) * self.workers, len(self.groups)))
-            t += max(self.group_flops(g) for g in wave) * tokens / flops_per_s
-        return t
-
-    def to_dict(self) -> dict:
-        return {"workers": self.workers, "budget_bytes": self.budget,
-                "groups": [[[t.a, t.b, t.lo, t.hi] for t in g] for g in self.groups],
-                "group_bytes": self.group_bytes, "own_bytes": self.own_bytes,
-                "waves": self.waves, "checkpoint_bytes": max(self.group_bytes, default=0),
-                "forwards_per_token": self.forwards_per_token,
-                "gemm_flops_per_token": self.flops_per_token}  # fmt: skip
-
-    def describe(self, names: list[str]) -> str:
-        gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-        lines = [f"universality plan: {len(names)} models, {len(pairs(len(names)))} pairs, "
-                 f"{len(self.groups)} pair groups on {self.workers} workers ({self.waves} "
-                 f"wave{'s' * (self.waves > 1)}), budget {gb(self.budget)} per worker"]  # fmt: skip
-        for i, (g, b) in enumerate(zip(self.groups, self.group_bytes, strict=True)):
-            tiles = ", ".join(f"{names[t.a]}[L{self.layers[t.a][t.lo]}..{self.layers[t.a][t.hi - 1]}]"
-                              f"x{names[t.b]}" for t in g)  # fmt: skip
-            lines.append(f"  group {i}: {gb(b)} state (= its checkpoint): {tiles}")
-        lines.append(f"  within-layer covariances: {gb(sum(self.own_bytes))}; "
-                     f"{self.forwards_per_token} forwards and "
-                     f"{self.flops_per_token / 1e9:.2f} GFLOP of products per token")  # fmt: skip
-        return "\n".join(lines)
-
-
-def tile_bytes(t: Tile, layers: list[list[int]], d: list[int], flush: bool) -> int:
-    """Device bytes of one tile's state: float64 totals (+ float32 buffer when flushed)."""
-    if isinstance(t, PairTile):
-        n = (t.hi - t.lo) * d[t.a] * len(layers[t.b]) * d[t.b]
-    else:
-        n = (t.hi - t.lo) * d[t.model] ** 2
-    return n * (12 if flush else 8)
-
-
-def plan(layers: list[list[int]], d: list[int], workers: int, budget: int,
-         flush: bool = False) -> Plan:  # fmt: skip
-    """Divide the work into groups (a group = one worker's state over one pass of the tokens):
-    every pair's rows, a layer at a time and in pair order, cut into contiguous runs of equal
-    work, at least one per worker, none over ``budget`` bytes. A group thus holds few pairs
-    (few models run forwards for it) and the workers finish together. Each run of one pair's
-    rows is a tile. Fails at once, naming the knob, when one layer of rows cannot fit."""
-    if len(layers) < 2:
-        raise ConfigError("universality compares at least two models")
-    rows: list[tuple[int, int, int]] = []  # (a, b, layer position of a), in pair order
-    for i, j in pairs(len(layers)):
-        one = tile_bytes(PairTile(i, j, 0, 1), layers, d, flush)
-        if one > budget:
-            raise ConfigError(
-                f"field 'universality.memory_gb': one layer of model {i} against every compared "
-                f"layer of model {j} needs {one / 2**30:.2f} GiB of state, over the "
-                f"{budget / 2**30:.2f} GiB a worker may hold; raise universality.memory_gb, or "
-                "compare fewer layers (job 'layers')"
-            )
-        rows += [(i, j, p) for p in range(len(layers[i]))]
-    size = [tile_bytes(PairTile(a, b, p, p + 1), layers, d, flush) for a, b, p in rows]
-    total = sum(size)
-    n_groups = max(min(workers, len(rows)), math.ceil(total / budget))
-    share = total / n_groups
-    runs: list[list[int]] = [[]]
-    held = [0]
-    done = 0.0
-    for r, sz in enumerate(size):
-        # a row goes to the group its middle falls in; never over the budget
-        want = min(int((done + sz / 2) // share), n_groups - 1)
-        if runs[-1] and (held[-1] + sz > budget or len(runs) - 1 < want):
-            runs.append([])
-            held.append(0)
-        runs[-1].append(r)
-        held[-1] += sz
-        done += sz
-    groups: list[list[PairTile]] = []
-    for run in runs:
-        tiles: list[PairTile] = []
-        for r in run:
-            a, b, p = rows[r]
-            if tiles and (tiles[-1].a, tiles[-1].b) == (a, b) and tiles[-1].hi == p:
-                tiles[-1] = PairTile(a, b, tiles[-1].lo, p + 1)
-            else:
-                tiles.append(PairTile(a, b, p, p + 1))
-        groups.append(tiles)
-    own = [[OwnTile(m, 0, len(ls))] for m, ls in enumerate(layers)]
-    own_bytes = [tile_bytes(t, layers, d, flush) for g in own for t in g]
-    if max(own_bytes) > budget:
-        raise ConfigError(
-            f"field 'universality.memory_gb': the within-layer covariances of one model need "
-            f"{max(own_bytes) / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB a worker may "
-            "hold; raise universality.memory_gb"
-        )
-    return Plan(layers, d, workers, budget, groups, own, held, own_bytes, flush)
 
 
 # ------------------------------------------------------------------ per (model, layer)
@@ -244,10 +100,11 @@ def _empty(n_layers: int, d: int) -> dict[str, np.ndarray]:
 
 def _r(c: torch.Tensor, m2_a: torch.Tensor, m2_b: torch.Tensor, ok_a: torch.Tensor,
        ok_b: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Pearson r from a centred co-moment block; dead or zero-variance neurons give 0."""
-    den = torch.sqrt(torch.outer(m2_a, m2_b))
-    ok = (den > 0) & ok_a[:, None] & ok_b[None, :]
-    return torch.where(ok, c / torch.where(ok, den, torch.ones_like(den)), 0.0).clamp_(-1, 1)
+    """Pearson r from a centred co-moment block, **in place** (a block of rows can be a
+    large part of a worker's memory); dead or zero-variance neurons give 0."""
+    ia = torch.where(ok_a & (m2_a > 0), m2_a.clamp(min=1e-300).rsqrt(), 0.0)
+    ib = torch.where(ok_b & (m2_b > 0), m2_b.clamp(min=1e-300).rsqrt(), 0.0)
+    return c.mul_(ia[:, None]).mul_(ib[None, :]).clamp_(-1, 1)
 
 
 @dataclass
@@ -288,9 +145,24 @@ def finalize_tile(acc: FamilyMoments, tile: PairTile, layers: list[list[int]],
         m2_a = torch.as_tensor(la.m2, **f64)
         ok_a = ~torch.as_tensor(la.dead, device=dev)
         c = acc.centred(tile, slice(k * da, (k + 1) * da))  # [da, D_b] float64
-        r = _r(c, m2_a, m2_b, ok_a, ok_b)
-        c32 = c.float()  # the rotations' products run in float32 (the d³ work; r to ~1e-6)
-        del c  # peak: r (float64) and c32 per layer of rows, besides the state
+        # baselines first: a against b's rotated layers, and b against a's rotated layer (the
+        # d³ work of finalising, in float32 a block at a time: r to ~1e-6)
+        qa = rot[(a, pa)].to(dev, torch.float32)
+        m2r_a = torch.as_tensor(la.m2_rot, **f64)
+        base = torch.full((da,), -math.inf, **f64)
+        for pb in range(nb):
+            lb = own[(b, pb)]
+            cb = c[:, pb * db : (pb + 1) * db].float()
+            rr = _r((cb @ rot[(b, pb)].to(dev, torch.float32)).double(), m2_a,
+                    torch.as_tensor(lb.m2_rot, **f64), ok_a,
+                    torch.ones(db, dtype=torch.bool, device=dev))  # fmt: skip
+            base = torch.maximum(base, rr.max(1).values)
+            rq = _r((qa.T @ cb).double(), m2r_a, torch.as_tensor(lb.m2, **f64),
+                    torch.ones(da, dtype=torch.bool, device=dev), ~torch.as_tensor(lb.dead, device=dev))  # fmt: skip
+            rev["baseline_max_corr"][pb] = np.maximum(rev["baseline_max_corr"][pb],
+                                                      rq.max(0).values.cpu().numpy())  # fmt: skip
+        fwd["baseline_max_corr"][k] = base.cpu().numpy()
+        r = _r(c, m2_a, m2_b, ok_a, ok_b)  # in place: the layer's block is the only big copy
         if full:
             yield pa, r.float().cpu().numpy()
         # a -> b: best partner over every column (first index wins ties: earlier layer)
@@ -307,24 +179,10 @@ def finalize_tile(acc: FamilyMoments, tile: PairTile, layers: list[list[int]],
         rev["partner_layer"] = np.where(better, pa, rev["partner_layer"]).astype(np.int32)
         rev["partner_index"] = np.where(better, ri, rev["partner_index"]).astype(np.int32)
         rev["min_corr"] = np.minimum(rev["min_corr"], r.min(0).values.reshape(nb, db).cpu().numpy())
-        # baselines: a against b's rotated layers, and b against a's rotated layer
-        qa = rot[(a, pa)].to(dev, torch.float32)
-        m2r_a = torch.as_tensor(la.m2_rot, **f64)
-        base = torch.full((da,), -math.inf, **f64)
         for pb in range(nb):
-            lb = own[(b, pb)]
-            cb = c32[:, pb * db : (pb + 1) * db]
-            rr = _r((cb @ rot[(b, pb)].to(dev, torch.float32)).double(), m2_a,
-                    torch.as_tensor(lb.m2_rot, **f64), ok_a,
-                    torch.ones(db, dtype=torch.bool, device=dev))  # fmt: skip
-            base = torch.maximum(base, rr.max(1).values)
-            rq = _r((qa.T @ cb).double(), m2r_a, torch.as_tensor(lb.m2, **f64),
-                    torch.ones(da, dtype=torch.bool, device=dev), ~torch.as_tensor(lb.dead, device=dev))  # fmt: skip
-            rev["baseline_max_corr"][pb] = np.maximum(rev["baseline_max_corr"][pb],
-                                                      rq.max(0).values.cpu().numpy())  # fmt: skip
             if layers[a][pa] == layers[b][pb]:
                 matching[pa] = match(r[:, pb * db : (pb + 1) * db].cpu().numpy())
-        fwd["baseline_max_corr"][k] = base.cpu().numpy()
+
     # back to the models' layer numbers
     fwd["partner_layer"] = np.asarray(layers[b], np.int32)[fwd["partner_layer"]]
     seen = rev["partner_layer"] >= 0

@@ -146,6 +146,13 @@ def _not_an_atlas(tmp: Path, model: Path) -> tuple[list[str], list[str]]:
     return ["run", write(tmp / "j.yaml", job)], [str(tmp / "stuff"), "not an atlas"]
 
 
+def _plan_never_fits(tmp: Path, model: Path) -> tuple[list[str], list[str]]:
+    job = tiny_job(tmp, model, models=[{"name": "a", "source": str(model)},
+                                       {"name": "b", "source": str(model)}],
+                   universality={"models": ["a", "b"], "memory_gb": 1e-5})  # fmt: skip
+    return ["run", write(tmp / "j.yaml", job)], ["field 'universality.memory_gb'", "GiB"]
+
+
 CASES: dict[str, Callable[[Path, Path], tuple[list[str], list[str]]]] = {
     "binary job file": _binary_job,
     "missing corpus file": _missing_corpus,
@@ -161,6 +168,7 @@ CASES: dict[str, Callable[[Path, Path], tuple[list[str], list[str]]]] = {
     "sample layer not recorded": _sample_layer_not_recorded,
     "atlas under a file": _atlas_under_a_file,
     "atlas path holds other files": _not_an_atlas,
+    "universality plan that never fits": _plan_never_fits,
 }
 
 

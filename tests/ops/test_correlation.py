@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ops.correlation import CoMoments, FamilyMoments, PairTile, match, merge_comoments
+from ops.correlation import CoMoments, FamilyMoments, match, merge_comoments
+from ops.plan import PairTile
 
 
 def _pair(t: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ops.correlation import FamilyMoments, OwnTile, PairTile
+from ops.correlation import FamilyMoments
 from ops.engine import (
     ActivationFeed,
     ActivationPass,
@@ -19,6 +19,7 @@ from ops.engine import (
     batches,
 )
 from ops.models import capture_mlp, load_model
+from ops.plan import OwnTile, PairTile
 from ops.stats import hist_spec
 from tests.ops.test_stats import _reference
 from tests.tiny_configs import CONFIGS, VOCAB

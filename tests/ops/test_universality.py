@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ops.correlation import CoMoments, FamilyMoments, OwnTile, PairTile
+from ops.correlation import CoMoments, FamilyMoments
 from ops.errors import ConfigError
+from ops.plan import OwnTile, PairTile
 from ops.universality import (
     assemble,
     finalize_tile,
