@@ -113,7 +113,8 @@ def main() -> None:
         lm = {(m, k): rotation_stats(cm, rot[(m, k)])
               for m in (0, 1) for k, cm in enumerate(own_moments(fa, OwnTile(m, 0, L)))}  # fmt: skip
         t0 = time.perf_counter()
-        for _ in finalize_tile(fa, PairTile(0, 1, 0, L), [layers[0], layers[1]], lm, rot):
+        for _ in finalize_tile(fa, PairTile(0, 1, 0, L), [layers[0], layers[1]], lm,
+                               lambda m, k: rot[(m, k)]):  # fmt: skip
             pass
         sync(dev)
         out["finalize_pair_s"] = time.perf_counter() - t0

@@ -4,7 +4,8 @@ Two random-init GPT-2-small models (12 layers x 3,072 MLP neurons, the bundled S
 tokenizer), ~4k tokens of the bundled corpus, 2 workers: ``neuronmap run`` end to end (Ray,
 Prefect, Zarr) twice in the same run, once recording only (the baseline) and once recording
 and correlating. Prints, for each, the wall time, the peak resident memory of the whole
-process tree (driver, Prefect server, Ray workers; sampled every 0.5 s) and the atlas size,
+process tree (driver, Prefect server, Ray workers: proportional set size, sampled every
+0.5 s) and the atlas size,
 then the ratios against the goals of issue #10 (peak under 16 GB, atlas growth under 3 GB)
 and what universality added over recording alone.
 
@@ -44,7 +45,11 @@ def make_model(dst: Path, seed: int) -> None:
     tok.save_pretrained(dst)
 
 
-def tree_rss(pid: int) -> int:
+def tree_pss(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants: shared pages (the libraries every
+    worker maps, Ray's object store) are counted once, split among the processes sharing
+    them, so the sum is the memory the job really holds (a sum of RSS counts torch's ~0.4 GB
+    of libraries once per process)."""
     try:
         p = psutil.Process(pid)
         procs = [p, *p.children(recursive=True)]
@@ -52,8 +57,8 @@ def tree_rss(pid: int) -> int:
         return 0
     total = 0
     for q in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += q.memory_info().rss
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += q.memory_full_info().pss
     return total
 
 
@@ -74,7 +79,7 @@ def run(job: dict, tmp: Path, name: str) -> dict:
     def sample() -> None:
         while proc.poll() is None:
             # Ray's workers are children of its raylet, itself a child of the driver
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[0] = max(peak[0], tree_pss(proc.pid))
             time.sleep(0.5)
 
     th = threading.Thread(target=sample, daemon=True)

@@ -16,7 +16,6 @@ and stored in the atlas; one that can never fit fails before a model is loaded.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -126,14 +125,14 @@ def _close_layers(ctx: Shard, unit: Unit, held: _Held) -> dict:
 def _merge_layers(shapes: Shapes, n_units: int, atlas: Store) -> dict[tuple[int, int], LayerMoments]:
     """Per (model, position): the ranges' co-moments merged in range order, then the one
     ``d³`` rotation product; persisted for the pair workers."""
-    parts = [atlas.read_partial(f"{WORK}/ranges", u) for u in range(n_units)]
+    fields = ("n", "mean_a", "mean_b", "m2_a", "m2_b", "c")
     out: dict[tuple[int, int], LayerMoments] = {}
     arrays: dict[str, np.ndarray] = {}
     for m, (name, ls) in enumerate(zip(shapes.names, shapes.layers, strict=True)):
-        for p, layer in enumerate(ls):
-            cm = merge_comoments([CoMoments.from_arrays(
-                {f: part[f"{m}.{p}.{f}"] for f in ("n", "mean_a", "mean_b", "m2_a", "m2_b", "c")})
-                for part in parts])  # fmt: skip
+        for p, layer in enumerate(ls):  # a layer at a time: d² floats per range in memory
+            keys = [f"{m}.{p}.{f}" for f in fields]
+            cm = merge_comoments([CoMoments.from_arrays(dict(zip(fields, atlas.read_partial(
+                f"{WORK}/ranges", u, keys).values(), strict=True))) for u in range(n_units)])  # fmt: skip
             q = rotation(shapes.d[m], rotation_seed(shapes.seed, name, layer))
             out[(m, p)] = lm = rotation_stats(cm, q)
             arrays |= {f"{m}.{p}.{f}": v for f, v in lm.to_arrays().items()}
@@ -151,31 +150,24 @@ def _read_layers(atlas: Store, shapes: Shapes) -> dict[tuple[int, int], LayerMom
 # ------------------------------------------------------------------ pass 2: pairs
 
 
-@functools.lru_cache(maxsize=32)
-def _rotation(d: int, seed: int) -> torch.Tensor:
-    return rotation(d, seed)
-
-
 def _close_pairs(shapes: Shapes, tile_ids: dict, ctx: Shard, unit: Unit, held: _Held) -> dict:
     """Finalise the unit's tiles where their state lives; persist their O(neuron) results."""
     own = _read_layers(ctx.atlas, shapes)
-    rot = {}
-    for tile in held.acc.tiles:
-        for m, ps in ((tile.a, range(tile.lo, tile.hi)), (tile.b, range(len(shapes.layers[tile.b])))):
-            for p in ps:
-                rot[(m, p)] = _rotation(shapes.d[m], rotation_seed(
-                    shapes.seed, shapes.names[m], shapes.layers[m][p]))  # fmt: skip
+
+    def rot(m: int, p: int) -> torch.Tensor:  # made on demand: each is d² floats
+        return rotation(shapes.d[m], rotation_seed(shapes.seed, shapes.names[m], shapes.layers[m][p]))
+
     for tile in held.acc.tiles:
         a, b = shapes.names[tile.a], shapes.names[tile.b]
         da, db = shapes.d[tile.a], shapes.d[tile.b]
         for item in finalize_tile(held.acc, tile, shapes.layers, own, rot, shapes.keep_full):
             if isinstance(item, TileResult):
                 ctx.atlas.write_partial(TILES, tile_ids[tile], _tile_arrays(item))
-            else:  # a layer of rows of r: a's rows of a--b, and b--a's columns
-                pa, r = item
-                ctx.atlas.write_pair_corr(a, b, pa * da, 0, r)
+            else:  # a block of rows of r: a's rows of a--b, and b--a's columns
+                pa, r0, r = item
+                ctx.atlas.write_pair_corr(a, b, pa * da + r0, 0, r)
                 for pb in range(len(shapes.layers[tile.b])):
-                    ctx.atlas.write_pair_corr(b, a, pb * db, pa * da,
+                    ctx.atlas.write_pair_corr(b, a, pb * db, pa * da + r0,
                                               np.ascontiguousarray(r[:, pb * db : (pb + 1) * db].T))  # fmt: skip
     return {}
 

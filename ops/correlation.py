@@ -323,20 +323,21 @@ class FamilyMoments:
         ca = self._cols(tile.a, tile.lo, tile.hi)
         return CoMoments(n, mean_a[ca], mean_b, m2_a[ca], m2_b, self.centred(tile).cpu().numpy())
 
-    def centred(self, tile: Tile, rows: slice | None = None) -> torch.Tensor:
+    def centred(self, tile: Tile, rows: slice | None = None,
+                cols: slice | None = None) -> torch.Tensor:  # fmt: skip
         """The tile's centred float64 co-moment block in true units (pair tiles: optionally a
-        row slice; own tiles: ``[L, d, d]``), on the accumulator's device."""
+        block of rows and columns; own tiles: ``[L, d, d]``), on the accumulator's device."""
         self.flush()
         n = max(self.n, 1)
         if isinstance(tile, PairTile):
-            ca, cb = self._cols(tile.a, tile.lo, tile.hi), slice(None)
-            rows = rows or slice(None)
+            ca = self._cols(tile.a, tile.lo, tile.hi)
+            rows, cols = rows or slice(None), cols or slice(None)
             mua = (self.s[tile.a][ca] / n)[rows]
-            mub = self.s[tile.b] / n
+            mub = (self.s[tile.b] / n)[cols]
             sa = self.scale[tile.a][ca][rows].double()
-            sb = self.scale[tile.b][cb].double()
+            sb = self.scale[tile.b][cols].double()
             # in place on one copy: a block of rows may be a large part of the state
-            c = self.c[tile][rows].clone()
+            c = self.c[tile][rows, cols].clone()
             c.addr_(mua, mub, alpha=-self.n)
             return c.mul_(sa[:, None]).mul_(sb[None, :])
         m = tile.model

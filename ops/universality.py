@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,70 +119,89 @@ class TileResult:
     matching: dict[int, tuple[np.ndarray, np.ndarray]]  # a's layer position -> (perm, corr)
 
 
+ROW_BLOCK_BYTES = 256 << 20
+"""Finalising takes r this many bytes (float64) of rows at a time."""
+
+
 def finalize_tile(acc: FamilyMoments, tile: PairTile, layers: list[list[int]],
                   own: Mapping[tuple[int, int], LayerMoments],
-                  rot: Mapping[tuple[int, int], torch.Tensor],
-                  full: bool = False) -> Iterator[tuple[int, np.ndarray] | TileResult]:  # fmt: skip
-    """Finalise one pair tile on the accumulator's device, one layer of rows at a time.
+                  rot: Callable[[int, int], torch.Tensor],
+                  full: bool = False) -> Iterator[tuple[int, int, np.ndarray] | TileResult]:  # fmt: skip
+    """Finalise one pair tile on the accumulator's device.
 
-    ``own[(model, position)]`` and ``rot[(model, position)]`` are the layer moments and
-    rotations of both models' compared layers. Yields ``(a's layer position, r block
-    [d_a, D_b] float32)`` for each layer of rows when ``full``, then the :class:`TileResult`.
+    ``own[(model, position)]`` are the layer moments of both models' compared layers,
+    ``rot(model, position)`` their rotations (made on demand: each is d² floats). The
+    baselines run a (layer of a, layer of b) block at a time, each rotation of b made once;
+    then r, a block of rows at a time (:data:`ROW_BLOCK_BYTES`: the only large allocation
+    besides the state). Yields ``(a's layer position, first row, r block [rows, D_b]
+    float32)`` for each block when ``full``, then the :class:`TileResult`.
     """
     a, b = tile.a, tile.b
     da, db = acc.d[a], acc.d[b]
     nb = len(layers[b])
     dev = acc.device
     f64 = dict(dtype=torch.float64, device=dev)
-    # per-column arrays of b, on the device; the tile's moments give the same n for both
+    yes_a = torch.ones(da, dtype=torch.bool, device=dev)
+    yes_b = torch.ones(db, dtype=torch.bool, device=dev)
     m2_b = torch.cat([torch.as_tensor(own[(b, p)].m2, **f64) for p in range(nb)])
     ok_b = ~torch.cat([torch.as_tensor(own[(b, p)].dead, device=dev) for p in range(nb)])
     fwd = _empty(tile.hi - tile.lo, da)
     rev = _empty(nb, db)
     matching: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # baselines: a's neurons against b's rotated layers, and b's against a's rotated layers;
+    # the d³ products in float32 (r to ~1e-6)
+    qa = {pa: rot(a, pa).to(dev, torch.float32) for pa in range(tile.lo, tile.hi)}
+    base = torch.full((tile.hi - tile.lo, da), -math.inf, **f64)
+    for pb in range(nb):
+        lb = own[(b, pb)]
+        qb = rot(b, pb).to(dev, torch.float32)
+        m2r_b, m2b = torch.as_tensor(lb.m2_rot, **f64), torch.as_tensor(lb.m2, **f64)
+        okb = ~torch.as_tensor(lb.dead, device=dev)
+        for k, pa in enumerate(range(tile.lo, tile.hi)):
+            la = own[(a, pa)]
+            cb = acc.centred(tile, slice(k * da, (k + 1) * da), slice(pb * db, (pb + 1) * db)).float()
+            rr = _r((cb @ qb).double(), torch.as_tensor(la.m2, **f64), m2r_b,
+                    ~torch.as_tensor(la.dead, device=dev), yes_b)  # fmt: skip
+            base[k] = torch.maximum(base[k], rr.max(1).values)
+            rq = _r((qa[pa].T @ cb).double(), torch.as_tensor(la.m2_rot, **f64), m2b, yes_a, okb)
+            rev["baseline_max_corr"][pb] = np.maximum(rev["baseline_max_corr"][pb],
+                                                      rq.max(0).values.cpu().numpy())  # fmt: skip
+        del qb
+    fwd["baseline_max_corr"][:] = base.cpu().numpy()
+    del qa
+    step = max(1, min(da, ROW_BLOCK_BYTES // (8 * nb * db)))
     for k, pa in enumerate(range(tile.lo, tile.hi)):
         la = own[(a, pa)]
         m2_a = torch.as_tensor(la.m2, **f64)
         ok_a = ~torch.as_tensor(la.dead, device=dev)
-        c = acc.centred(tile, slice(k * da, (k + 1) * da))  # [da, D_b] float64
-        # baselines first: a against b's rotated layers, and b against a's rotated layer (the
-        # d³ work of finalising, in float32 a block at a time: r to ~1e-6)
-        qa = rot[(a, pa)].to(dev, torch.float32)
-        m2r_a = torch.as_tensor(la.m2_rot, **f64)
-        base = torch.full((da,), -math.inf, **f64)
-        for pb in range(nb):
-            lb = own[(b, pb)]
-            cb = c[:, pb * db : (pb + 1) * db].float()
-            rr = _r((cb @ rot[(b, pb)].to(dev, torch.float32)).double(), m2_a,
-                    torch.as_tensor(lb.m2_rot, **f64), ok_a,
-                    torch.ones(db, dtype=torch.bool, device=dev))  # fmt: skip
-            base = torch.maximum(base, rr.max(1).values)
-            rq = _r((qa.T @ cb).double(), m2r_a, torch.as_tensor(lb.m2, **f64),
-                    torch.ones(da, dtype=torch.bool, device=dev), ~torch.as_tensor(lb.dead, device=dev))  # fmt: skip
-            rev["baseline_max_corr"][pb] = np.maximum(rev["baseline_max_corr"][pb],
-                                                      rq.max(0).values.cpu().numpy())  # fmt: skip
-        fwd["baseline_max_corr"][k] = base.cpu().numpy()
-        r = _r(c, m2_a, m2_b, ok_a, ok_b)  # in place: the layer's block is the only big copy
-        if full:
-            yield pa, r.float().cpu().numpy()
-        # a -> b: best partner over every column (first index wins ties: earlier layer)
-        j = r.argmax(1)
-        fwd["max_corr"][k] = r.max(1).values.cpu().numpy()
-        fwd["partner_layer"][k] = (j // db).cpu().numpy()
-        fwd["partner_index"][k] = (j % db).cpu().numpy()
-        fwd["min_corr"][k] = r.min(1).values.cpu().numpy()
-        # b -> a: this layer of rows, folded into the running best (strict: earlier wins)
-        rb, ri = r.max(0).values, r.argmax(0)
-        rb, ri = rb.reshape(nb, db).cpu().numpy(), ri.reshape(nb, db).cpu().numpy()
-        better = rb > rev["max_corr"]
-        rev["max_corr"] = np.where(better, rb, rev["max_corr"])
-        rev["partner_layer"] = np.where(better, pa, rev["partner_layer"]).astype(np.int32)
-        rev["partner_index"] = np.where(better, ri, rev["partner_index"]).astype(np.int32)
-        rev["min_corr"] = np.minimum(rev["min_corr"], r.min(0).values.reshape(nb, db).cpu().numpy())
-        for pb in range(nb):
-            if layers[a][pa] == layers[b][pb]:
-                matching[pa] = match(r[:, pb * db : (pb + 1) * db].cpu().numpy())
-
+        same = [pb for pb in range(nb) if layers[a][pa] == layers[b][pb]]
+        square = np.empty((da, db)) if same else None  # r of the equal layer, for matching
+        for r0 in range(0, da, step):
+            r1 = min(da, r0 + step)
+            c = acc.centred(tile, slice(k * da + r0, k * da + r1))  # [rows, D_b] float64
+            r = _r(c, m2_a[r0:r1], m2_b, ok_a[r0:r1], ok_b)  # in place: the one big copy
+            if full:
+                yield pa, r0, r.float().cpu().numpy()
+            # a -> b: best partner over every column (first index wins ties: earlier layer)
+            j = r.argmax(1)
+            fwd["max_corr"][k, r0:r1] = r.max(1).values.cpu().numpy()
+            fwd["partner_layer"][k, r0:r1] = (j // db).cpu().numpy()
+            fwd["partner_index"][k, r0:r1] = (j % db).cpu().numpy()
+            fwd["min_corr"][k, r0:r1] = r.min(1).values.cpu().numpy()
+            # b -> a: these rows folded into the running best (strict: earlier rows win ties)
+            rb, ri = r.max(0).values, r.argmax(0) + r0
+            rb, ri = rb.reshape(nb, db).cpu().numpy(), ri.reshape(nb, db).cpu().numpy()
+            better = rb > rev["max_corr"]
+            rev["max_corr"] = np.where(better, rb, rev["max_corr"])
+            rev["partner_layer"] = np.where(better, pa, rev["partner_layer"]).astype(np.int32)
+            rev["partner_index"] = np.where(better, ri, rev["partner_index"]).astype(np.int32)
+            rev["min_corr"] = np.minimum(rev["min_corr"],
+                                         r.min(0).values.reshape(nb, db).cpu().numpy())  # fmt: skip
+            if square is not None:
+                square[r0:r1] = r[:, same[0] * db : (same[0] + 1) * db].cpu().numpy()
+            del c, r
+        if square is not None:
+            matching[pa] = match(square)
     # back to the models' layer numbers
     fwd["partner_layer"] = np.asarray(layers[b], np.int32)[fwd["partner_layer"]]
     seen = rev["partner_layer"] >= 0

@@ -220,14 +220,16 @@ class Store(Atlas):
             # written once, read once by the merge: favour speed over ratio
             sg.create_array(k, data=a if a.ndim else a.reshape(1), compressors=_FAST)
 
-    def read_partial(self, key: str, shard: int) -> dict[str, np.ndarray]:
+    def read_partial(self, key: str, shard: int,
+                     only: Iterable[str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """A persisted partial's arrays (``only``: just these, for partials read piecewise)."""
         try:
             sg = self.root[WORK][key][partial_name(shard)]
         except KeyError:
             raise AtlasError(
                 f"partial of shard {shard} of {key!r} is missing in {self.path}"
             ) from None
-        return {k: sg[k][...] for k in sg.array_keys()}
+        return {k: sg[k][...] for k in (sg.array_keys() if only is None else only)}
 
     def write_checkpoint(self, key: str, arrays: Mapping[str, np.ndarray], cursor: int) -> None:
         """Atomically replace the checkpoint of a unit of work under ``_work/<key>``: the new

@@ -105,9 +105,10 @@ def _finalised(xs: list[np.ndarray], tiles: list[PairTile], full: bool = False):
             own[(m, p)] = rotation_stats(cm, rot[(m, p)])
     results, blocks = [], {}
     for t in tiles:
-        for item in finalize_tile(acc, t, [LAYERS[0], LAYERS[1], LAYERS[2]], own, rot, full):
+        for item in finalize_tile(acc, t, [LAYERS[0], LAYERS[1], LAYERS[2]], own,
+                                  lambda m, p: rot[(m, p)], full):  # fmt: skip
             if isinstance(item, tuple):
-                blocks[(t, item[0])] = item[1]
+                blocks[(t, item[0], item[1])] = item[2]
             else:
                 results.append(item)
     return results, blocks, rot, own
@@ -153,7 +154,7 @@ def test_finalised_tiles_equal_direct_float64() -> None:
         np.testing.assert_array_equal(inv[p[live]], np.flatnonzero(live))
     # the full matrix, a layer of rows at a time
     r01 = _corr(xs[0], xs[1])
-    np.testing.assert_allclose(blocks[(PairTile(0, 1, 2, 3), 2)], r01[2 * D :], atol=1e-5)
+    np.testing.assert_allclose(blocks[(PairTile(0, 1, 2, 3), 2, 0)], r01[2 * D :], atol=1e-5)
     # the rotation product: diag(QᵀCQ) is the M2 of the rotated neurons
     xr = (xs[2][:, :D] - xs[2][:, :D].mean(0)) @ rot[(2, 0)].numpy()
     np.testing.assert_allclose(own[(2, 0)].m2_rot, (xr**2).sum(0), rtol=1e-6)
@@ -168,7 +169,8 @@ def test_subset_of_layers_leaves_the_others_empty() -> None:
     rot = {(m, p): rotation(D, p) for m in range(2) for p in range(2)}
     own = {(m, p): rotation_stats(cm, rot[(m, p)]) for m in range(2)
            for p, cm in enumerate(own_moments(acc, OwnTile(m, 0, 2)))}  # fmt: skip
-    (res,) = list(finalize_tile(acc, PairTile(0, 1, 0, 2), [layers[0], layers[1]], own, rot))
+    (res,) = list(finalize_tile(acc, PairTile(0, 1, 0, 2), [layers[0], layers[1]], own,
+                                lambda m, p: rot[(m, p)]))  # fmt: skip
     out = assemble(2, [layers[0], layers[1]], [D, D], [3, 3], [res])
     got = out[(0, 1)]["arrays"]
     assert np.isnan(got["max_corr"][1]).all() and (got["partner_layer"][1] == -1).all()
@@ -240,3 +242,22 @@ def test_ranges_merged_into_one_state_finalise_like_one_worker() -> None:
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(loaded.pair_moments(tile).pearson(), one.pair_moments(tile).pearson(),
                                atol=1e-6)  # fmt: skip
+
+
+def test_row_blocks_change_nothing(monkeypatch) -> None:
+    """Finalising a few rows at a time (as a large tile does) gives the same results."""
+    import ops.universality as ou
+
+    xs, _ = _family()
+    tiles = [PairTile(0, 1, 0, 3)]
+    whole, full_whole, _, _ = _finalised(xs, tiles, True)
+    monkeypatch.setattr(ou, "ROW_BLOCK_BYTES", 8 * 3 * D * 5)  # 5 rows of 36 columns
+    blocks, full_blocks, _, _ = _finalised(xs, tiles, True)
+    for k in whole[0].fwd:
+        np.testing.assert_array_equal(blocks[0].fwd[k], whole[0].fwd[k], err_msg=k)
+        np.testing.assert_array_equal(blocks[0].rev[k], whole[0].rev[k], err_msg=k)
+    for pa, (perm, corr) in whole[0].matching.items():
+        np.testing.assert_array_equal(blocks[0].matching[pa][0], perm)
+    assert len(full_blocks) > len(full_whole)
+    for (t, pa, r0), r in full_blocks.items():
+        np.testing.assert_array_equal(r, full_whole[(t, pa, 0)][r0 : r0 + len(r)])
