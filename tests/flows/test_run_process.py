@@ -43,9 +43,16 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
+def _terminal_signals() -> None:
+    """A terminal's Ctrl-C: SIGINT at its default, whatever this test process inherited (a
+    run started in the background by a non-interactive shell, e.g. `make test &`, inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(job: str, home: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", job], env=_env(home),
-                            start_new_session=True, **kw)  # fmt: skip
+                            start_new_session=True, preexec_fn=_terminal_signals, **kw)  # fmt: skip
 
 
 def _alive(pid: int) -> bool:

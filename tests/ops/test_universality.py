@@ -258,6 +258,7 @@ def test_row_blocks_change_nothing(monkeypatch) -> None:
         np.testing.assert_array_equal(blocks[0].rev[k], whole[0].rev[k], err_msg=k)
     for pa, (perm, corr) in whole[0].matching.items():
         np.testing.assert_array_equal(blocks[0].matching[pa][0], perm)
+        np.testing.assert_array_equal(blocks[0].matching[pa][1], corr)
     assert len(full_blocks) > len(full_whole)
     for (t, pa, r0), r in full_blocks.items():
         np.testing.assert_array_equal(r, full_whole[(t, pa, 0)][r0 : r0 + len(r)])
