@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ops.correlation import FamilyMoments  # noqa: E402
-from ops.plan import OwnTile, PairTile  # noqa: E402
-from ops.universality import finalize_tile, own_moments, plan, rotation, rotation_stats  # noqa: E402
+from ops.plan import OwnTile, PairTile, plan  # noqa: E402
+from ops.universality import finalize_tile, own_moments, rotation, rotation_stats  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:

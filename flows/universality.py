@@ -31,18 +31,16 @@ from flows.record import note_speed, record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments, FamilyMoments, merge_comoments
 from ops.engine import Consumer, NeuronStats, TileMoments
-from ops.plan import default_budget
+from ops.plan import Plan, default_budget, plan
 from ops.stats import HistSpec, hist_spec, stack_partials
 from ops.universality import (
     LayerMoments,
-    Plan,
     TileResult,
     assemble,
     compare_groups,
     finalize_tile,
     overview,
     own_moments,
-    plan,
     rotation,
     rotation_seed,
     rotation_stats,

@@ -69,7 +69,7 @@ class Plan:
     @property
     def forwards_per_token(self) -> int:
         """Model forwards per corpus token over both passes."""
-        first = len(self.layers) * 1
+        first = len(self.layers)  # the layers pass: each model once
         return first + sum(len({t.a for t in g} | {t.b for t in g}) for g in self.groups)
 
     @property

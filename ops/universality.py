@@ -22,9 +22,7 @@ import numpy as np
 import torch
 
 from ops.correlation import CoMoments, FamilyMoments, constant, match
-from ops.plan import OwnTile, PairTile, Plan, pairs, plan, tile_bytes
-
-__all__ = ["Plan", "pairs", "plan", "tile_bytes"]  # the plan lives in ops.plan (no torch)
+from ops.plan import OwnTile, PairTile, pairs
 
 
 def rotation_seed(seed: int, model: str, layer: int) -> int:

@@ -12,15 +12,8 @@ import torch
 
 from ops.correlation import CoMoments, FamilyMoments
 from ops.errors import ConfigError
-from ops.plan import OwnTile, PairTile
-from ops.universality import (
-    assemble,
-    finalize_tile,
-    own_moments,
-    plan,
-    rotation,
-    rotation_stats,
-)
+from ops.plan import OwnTile, PairTile, plan
+from ops.universality import assemble, finalize_tile, own_moments, rotation, rotation_stats
 
 D = 12  # neurons per layer
 
