@@ -16,6 +16,7 @@ and stored in the atlas; one that can never fit fails before a model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -94,17 +95,27 @@ def _open(shapes: Shapes, tiles_of: Any, ctx: Shard, unit: Unit) -> _Held:
     return _Held(FamilyMoments(tiles_of(unit), layers, d, dev, _dtype(shapes, dev), flush))
 
 
+def _identity(unit: Unit, held: _Held) -> np.ndarray:
+    """What a checkpoint is of: the unit's shards and tiles (a run resumed under another plan
+    or worker count has units of the same names holding other work)."""
+    text = repr((unit.key, unit.shards, held.acc.tiles, held.acc.sites))
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+
+
 def _restore(ctx: Shard, unit: Unit, held: _Held) -> int:
     cp = ctx.atlas.read_checkpoint(f"{WORK}/ckpt/{unit.key}")
     if cp is None:
         return 0
     raw, cursor = cp
+    if not np.array_equal(raw.pop("identity", None), _identity(unit, held)):
+        return 0  # another plan's: start this unit afresh (the next checkpoint replaces it)
     held.acc.load_raw(raw)
     return cursor
 
 
 def _save(ctx: Shard, unit: Unit, held: _Held, cursor: int) -> None:
-    ctx.atlas.write_checkpoint(f"{WORK}/ckpt/{unit.key}", held.acc.raw(), cursor)
+    ctx.atlas.write_checkpoint(f"{WORK}/ckpt/{unit.key}",
+                               held.acc.raw() | {"identity": _identity(unit, held)}, cursor)  # fmt: skip
 
 
 # ------------------------------------------------------------------ pass 1: layers

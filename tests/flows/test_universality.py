@@ -327,3 +327,31 @@ def test_the_study_profile_plans_on_1_and_8_gpus(capsys) -> None:
     # a budget that cannot hold one layer of rows: one line naming the knob, exit 2
     assert main(["plan", str(study), "--memory-gb", "0.5"]) == 2
     assert "universality.memory_gb" in capsys.readouterr().err
+
+
+def test_a_checkpoint_resumes_only_the_unit_it_is_of(tmp_path: Path) -> None:
+    """A checkpoint is written atomically and read back exactly; a unit of the same name that
+    holds other work (a run resumed under another plan or worker count) starts afresh."""
+    from flows.engine import Shard, Unit
+    from flows.universality import _Held, _restore, _save
+    from ops.correlation import FamilyMoments
+    from ops.plan import PairTile
+    from storage.store import Store
+
+    store = Store.create(tmp_path / "a.zarr", {})
+    ctx = Shard(-1, store, [])
+    layers, d = {0: [0], 1: [0]}, {0: 4, 1: 4}
+    held = _Held(FamilyMoments([PairTile(0, 1, 0, 1)], layers, d))
+    g = torch.Generator().manual_seed(0)
+    held.acc.update({(0, 0): torch.randn(9, 4, generator=g), (1, 0): torch.randn(9, 4, generator=g)})
+    unit = Unit("g0", (0, 1, 2), 0)
+    _save(ctx, unit, held, 2)
+    _save(ctx, unit, held, 3)  # replaces the first: one committed checkpoint
+    again = _Held(FamilyMoments([PairTile(0, 1, 0, 1)], layers, d))
+    assert _restore(ctx, unit, again) == 3
+    for k, v in held.acc.raw().items():
+        np.testing.assert_array_equal(again.acc.raw()[k], v)
+    other = _Held(FamilyMoments([PairTile(0, 1, 0, 1)], layers, d))
+    assert _restore(ctx, Unit("g0", (0, 1), 0), other) == 0 and other.acc.n == 0
+    ckpts = [k for k in store.root["_work"]["_universality"]["ckpt"]["g0"].group_keys()]
+    assert ckpts == ["ckpt-1"]
