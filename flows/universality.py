@@ -127,7 +127,7 @@ def _close_layers(ctx: Shard, unit: Unit, held: _Held) -> dict:
     for tile in held.acc.tiles:
         for k, cm in enumerate(own_moments(held.acc, tile)):
             arrays |= {f"{tile.model}.{tile.lo + k}.{f}": v for f, v in cm.to_arrays().items()}
-    ctx.atlas.write_partial(f"{WORK}/ranges", int(unit.key[1:]), arrays)
+    ctx.atlas.write_partial(f"{WORK}/ranges", unit.spec, arrays)
     return {}
 
 
@@ -186,7 +186,8 @@ def _close_range(ctx: Shard, unit: Unit, held: _Held) -> dict:
     finalised (``_restore_ranges``)."""
     arrays = {f"{i}.{f}": v for i, tile in enumerate(held.acc.tiles)
               for f, v in held.acc.pair_moments(tile).to_arrays().items()}  # fmt: skip
-    ctx.atlas.write_partial(f"{WORK}/parts/g{unit.spec}", int(unit.key.rsplit("r", 1)[1]), arrays)
+    group, part = unit.spec
+    ctx.atlas.write_partial(f"{WORK}/parts/g{group}", part, arrays)
     return {}
 
 
@@ -195,7 +196,7 @@ def _restore_ranges(split: int, ctx: Shard, unit: Unit, held: _Held) -> int:
     fields = ("n", "mean_a", "mean_b", "m2_a", "m2_b", "c")
     merged: dict = {}
     for r in range(split):
-        part = ctx.atlas.read_partial(f"{WORK}/parts/g{unit.spec}", r)
+        part = ctx.atlas.read_partial(f"{WORK}/parts/g{unit.spec[0]}", r)
         for i, tile in enumerate(held.acc.tiles):
             cm = CoMoments.from_arrays({f: part[f"{i}.{f}"] for f in fields})
             merged[tile] = cm if tile not in merged else merged[tile].merge(cm)
@@ -257,7 +258,7 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
 
     # pass 1: contiguous shard ranges, one per worker
     bounds = np.linspace(0, n_shards, min(res.workers, n_shards) + 1).round().astype(int)
-    ranges = [Unit(f"r{i}", tuple(range(lo, hi)))
+    ranges = [Unit(f"r{i}", tuple(range(lo, hi)), i)
               for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if hi > lo]  # fmt: skip
     own_tiles = [t for g in the_plan.own for t in g]
     build, persist = stats or (_no_stats, _no_persist)
@@ -282,7 +283,7 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
     tile_ids = {t: i for i, t in enumerate(t for g in groups for t in g)}
     split = min(max(1, res.workers // len(groups)), n_shards)
     cuts = np.linspace(0, n_shards, split + 1).round().astype(int)
-    units = [Unit(f"g{i}" if split == 1 else f"g{i}r{r}", tuple(range(cuts[r], cuts[r + 1])), i)
+    units = [Unit(f"g{i}" if split == 1 else f"g{i}r{r}", tuple(range(cuts[r], cuts[r + 1])), (i, r))
              for i in range(len(groups)) for r in range(split)]  # fmt: skip
     pair_key = job.fingerprint(key, "pairs", str(split),
                                json.dumps(the_plan.to_dict()["groups"]))  # fmt: skip
@@ -291,7 +292,7 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
             atlas.init_pair_corr(names[i], names[j], (len(layers[i]) * d[i], len(layers[j]) * d[j]),
                                  (d[i], d[j]), cfg.full_dtype)  # fmt: skip
     finalise = partial(_close_pairs, shapes, tile_ids)
-    tiles_of = lambda u: groups[u.spec]  # noqa: E731
+    tiles_of = lambda u: groups[u.spec[0]]  # noqa: E731  (spec: (group, range))
     second = Stage(name="universality/pairs", key=pair_key, build=_no_stats,
                    persist=_no_persist, description="pair co-moments",
                    span=Span(open=partial(_open, shapes, tiles_of), restore=_restore, save=_save,
@@ -304,7 +305,7 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
                       span=Span(open=partial(_open, shapes, tiles_of),
                                 restore=partial(_restore_ranges, split), save=_save,
                                 close=finalise, every_s=None), **common)  # fmt: skip
-        run_units(third, job.atlas, [Unit(f"g{i}", (), i) for i in range(len(groups))], res,
+        run_units(third, job.atlas, [Unit(f"g{i}", (), (i, 0)) for i in range(len(groups))], res,
                   ledger)  # fmt: skip
     atlas.mark(second.name, second.key, complete=True)
     out = _merge(key, cfg, shapes, the_plan, own, tile_ids, atlas)
