@@ -325,7 +325,7 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
     log = get_run_logger()
     atlas = Store.open(job.atlas)
     model, layer, steering = dcfg.model, dcfg.layer, dcfg.steering
-    fp = dictionaries_fingerprint(dcfg, atlas.model_attrs(model)["fingerprint"])
+    fp = dictionaries_fingerprint(dcfg, atlas.data_key(atlas.model_attrs(model)["fingerprint"]))
     entry = atlas.done("dictionaries")
     if entry.get("complete") and entry.get("fingerprint") == fp:
         log.info("dictionaries of %s L%d already learned with this config", model, layer)

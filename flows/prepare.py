@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from prefect import get_run_logger, task
 
 import flows
@@ -14,8 +16,10 @@ from flows.config import JobConfig, JobConfigError, ModelConfig
 from flows.preflight import check_atlas, corpus_fingerprint, resolve_layers
 from flows.tasks import TASK
 from ops.corpus import (
+    TokenizedCorpus,
     bundled_documents,
     read_documents,
+    source_signature,
     stratified_sample,
     tokenize_documents,
     vocab_bytes,
@@ -63,8 +67,7 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
     log = get_run_logger()
     atlas = check_atlas(job, resume, overwrite)
     if atlas is not None and "corpus" in atlas.root:
-        log.info("corpus already in %s", job.atlas)
-        return dict(atlas.corpus.attrs)
+        return grow_corpus(job, Store.open(job.atlas))
     for m in job.models:
         resolve_layers(job, m, model_info(m.source, m.revision)["n_layers"])
     tok = load_tokenizer(job.models[0].source, job.models[0].revision)
@@ -76,12 +79,8 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
                 "one job maps models that share a tokenizer (use one job per tokenizer)"
             )
     c = job.corpus
-    docs = (
-        bundled_documents(c.subsets, seed=c.seed)
-        if c.source == "bundled"
-        else read_documents(c.source, text_field=c.text_field, source_field=c.source_field)
-    )
-    tc = tokenize_documents(docs, tok, c.seq_len, c.max_tokens, prepend_bos=c.prepend_bos)
+    signature = source_signature(c.source)  # before reading: a file growing meanwhile is seen next time
+    docs, tc = _tokenize(job, tok)
     mask = tc.mask(exclude_bos=c.exclude_bos)
     rows = min(c.shard_sequences, len(tc.tokens))
     sample = stratified_sample(mask, rows, job.record.sample_tokens, job.record.seed)
@@ -94,9 +93,64 @@ def prepare_corpus(job: JobConfig, resume: bool = False, overwrite: bool = False
         tc.tokens, tc.doc_ids, tc.sources, tc.source_names, mask, vocab, rows, sample,
         attrs={"tokenizer": job.models[0].source, "documents": len(docs),
                "bos_token_id": tok.bos_token_id, "prepend_bos": c.prepend_bos,
-               "exclude_bos": c.exclude_bos},
+               "exclude_bos": c.exclude_bos, "source_signature": signature},
     )  # fmt: skip
     log.info("corpus: %d sequences x %d, %d tokens", *tc.tokens.shape, tc.n_tokens)
+    return dict(atlas.corpus.attrs)
+
+
+def _tokenize(job: JobConfig, tok) -> tuple[list, TokenizedCorpus]:
+    c = job.corpus
+    docs = (
+        bundled_documents(c.subsets, seed=c.seed)
+        if c.source == "bundled"
+        else read_documents(c.source, text_field=c.text_field, source_field=c.source_field)
+    )
+    return docs, tokenize_documents(docs, tok, c.seq_len, c.max_tokens, prepend_bos=c.prepend_bos)
+
+
+def grow_corpus(job: JobConfig, atlas: Store) -> dict:
+    """Continue an atlas whose file corpus has grown: documents added at the end of the
+    corpus (lines appended to a file, files added after the last one in reading order)
+    become new sequences, and the shards they fill are recorded by the stages that follow,
+    which continue from the merged state of the rest (``flows.record.record_merge``).
+
+    Unchanged files (size and mtime, :func:`ops.corpus.source_signature`) are not read
+    again, so a scheduled run of a finished job stays a fast no-op. A corpus that changed
+    other than by growing is refused, naming the first sequence that differs."""
+    log = get_run_logger()
+    c, attrs = job.corpus, dict(atlas.corpus.attrs)
+    signature = source_signature(c.source)
+    if signature is None or signature == attrs.get("source_signature"):
+        log.info("corpus already in %s", job.atlas)
+        return attrs
+    n_old = int(attrs["n_sequences"])
+    tok = load_tokenizer(job.models[0].source, job.models[0].revision)
+    docs, tc = _tokenize(job, tok)
+    old = atlas.corpus["tokens"][...]
+    names = list(attrs["source_names"])
+    new = tc.tokens[:n_old]
+    differs = np.flatnonzero((new != old[: len(new)]).any(axis=1)) if len(new) == n_old else [len(new)]
+    if len(differs) or tc.source_names[: len(names)] != names:
+        at = int(differs[0]) if len(differs) else 0
+        raise AtlasError(
+            f"the corpus of {job.atlas} changed, not only grew: sequence {at} differs from the "
+            f"stored one ({c.source}); a growing corpus may only gain documents at its end. "
+            "Map it into another --atlas, or pass --overwrite to start over"
+        )
+    if len(tc.tokens) == n_old:
+        atlas.corpus.attrs["source_signature"] = signature
+        log.info("corpus of %s: files changed, no new sequences", job.atlas)
+        return dict(atlas.corpus.attrs)
+    mask = tc.mask(exclude_bos=c.exclude_bos)
+    rows = int(attrs["shard_sequences"])
+    first = n_old // rows
+    tail = stratified_sample(mask, rows, job.record.sample_tokens, job.record.seed,
+                             per=atlas.sample_rows_per_shard(), first=first)  # fmt: skip
+    atlas.extend_corpus(tc.tokens, tc.doc_ids, tc.sources, tc.source_names, mask, tail,
+                        {"documents": len(docs), "source_signature": signature})  # fmt: skip
+    log.info("corpus of %s grew: %d -> %d sequences (%d tokens); shards %d.. are recorded",
+             job.atlas, n_old, len(tc.tokens), int(mask.sum()), first)  # fmt: skip
     return dict(atlas.corpus.attrs)
 
 

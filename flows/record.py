@@ -9,6 +9,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import ray
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
@@ -19,6 +20,7 @@ from flows.tasks import TASK
 from ops.engine import ActivationFeed, ActivationSample, Consumer, NeuronStats
 from ops.stats import HistSpec, StatsPartial, finalize, hist_spec, merge_partials, stack_partials
 from storage.atlas import Atlas
+from storage.layout import STATE
 from storage.store import Store
 
 # ------------------------------------------------------------------ the record stage
@@ -54,12 +56,28 @@ def _record_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dict
 
 
 def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -> dict:
-    """Fold the shard partials in shard order (deterministic), write stats and top-k."""
+    """Fold the shard partials in shard order (deterministic), write stats and top-k.
+
+    The fold over the corpus's whole shards is kept in ``_state`` (a finished job drops its
+    partials): when the corpus grows, the fold continues from it over the shards recorded
+    since, which gives the same statistics as a fold over every shard from the start."""
     n_shards = len(atlas.shard_ranges())
+    whole = int(atlas.corpus.attrs["n_sequences"]) // int(atlas.corpus.attrs["shard_sequences"])
+    key = f"record/{model.name}"
     acc: StatsPartial | None = None
-    for s in tqdm(range(n_shards), desc=f"merge {model.name}", unit="shard"):
+    start = 0
+    kept = atlas.read_checkpoint(key, under=STATE)
+    if kept is not None and kept[0].get("fingerprint") is not None:
+        arrays, cursor = kept
+        fp = bytes(arrays.pop("fingerprint")).decode()
+        if fp == prep["fingerprint"] and 0 < cursor <= whole:
+            acc, start = StatsPartial.from_arrays(arrays), cursor
+    for s in tqdm(range(start, n_shards), desc=f"merge {model.name}", unit="shard"):
         part = StatsPartial.from_arrays(atlas.read_partial(model.name, s))
         acc = part if acc is None else merge_partials([acc, part])
+        if s + 1 == whole and whole > start:
+            state = acc.to_arrays() | {"fingerprint": np.frombuffer(prep["fingerprint"].encode(), np.uint8)}
+            atlas.write_checkpoint(key, state, whole, under=STATE)
     assert acc is not None
     stats = finalize(acc, job.record.dead_frequency, job.record.massive_threshold)
     dead_frac = {}
@@ -103,7 +121,8 @@ def _shared_stream(job: JobConfig, model: ModelConfig, prep: dict
     if run is None or (entry.get("fingerprint") == prep["fingerprint"]
                        and (entry.get("shards") or entry.get("complete"))):  # fmt: skip
         return None
-    ckpt = checkpoint_path(job.atlas, run, dictionaries_fingerprint(d, prep["fingerprint"]))
+    key = Atlas.open(job.atlas).data_key(prep["fingerprint"])
+    ckpt = checkpoint_path(job.atlas, run, dictionaries_fingerprint(d, key))
     return None if ckpt.exists() else (run, ckpt)
 
 

@@ -364,7 +364,8 @@ def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
     if any(p["layers"] != list(range(p["n_layers"])) for p in preps):
         raise JobConfigError("a family is recorded and compared over all of its layers")
     r = job.record
-    key = job.fingerprint("family", cfg.model_dump_json(), *(p["fingerprint"] for p in preps))
+    at = Atlas.open(job.atlas)
+    key = job.fingerprint("family", cfg.model_dump_json(), *(at.data_key(p["fingerprint"]) for p in preps))
     stats = (partial(_family_consumers, r.topk, hist_spec(r.hist_bins, r.hist_min, r.hist_max)),
              partial(_family_persist, [m.name for m in models]))  # fmt: skip
     recorded = all(Store.open(job.atlas).model_group(m.name).attrs.get("complete") for m in models)
@@ -390,7 +391,7 @@ def universality(job: JobConfig, models: list[ModelConfig], cfg: UniversalityCon
     atlas = Atlas.open(job.atlas)
     attrs = [atlas.model_attrs(m.name) for m in models]
     key = job.fingerprint("universality", cfg.model_dump_json(),
-                          *(a["fingerprint"] for a in attrs))  # fmt: skip
+                          *(atlas.data_key(a["fingerprint"]) for a in attrs))  # fmt: skip
     layers = [atlas.layers(m.name) for m in models]
     out = correlate(job, models, cfg, layers, [a["d_mlp"] for a in attrs], key, ledger)
     _log(out)

@@ -251,6 +251,23 @@ def read_documents(
     return docs
 
 
+def source_signature(spec: str | Path | Sequence[str | Path]) -> list[list[Any]] | None:
+    """What a file corpus is made of, cheaply: ``[path, size, mtime_ns]`` per file in reading
+    order. Unchanged signature: the corpus has not grown, and nothing needs re-reading. None
+    for corpora whose files cannot be listed (``hf:`` datasets) or that never change
+    (``bundled``)."""
+    if spec == "bundled":
+        return None
+    out: list[list[Any]] = []
+    for item in _specs(spec):
+        if isinstance(item, str) and (item.startswith("hf:") or item == "bundled"):
+            return None
+        for file in _expand(_existing(item)):
+            st = file.stat()
+            out.append([str(file.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
 def check_corpus(spec: str | Path | Sequence[str | Path], subsets: Sequence[str] | None = None
                  ) -> None:  # fmt: skip
     """What can be known about a corpus without reading it, checked in milliseconds: the
@@ -699,18 +716,29 @@ def vocab_bytes(tokenizer: Any) -> list[bytes]:
     return out
 
 
-def stratified_sample(mask: np.ndarray, shard_rows: int, total: int, seed: int) -> np.ndarray:
-    """Same number of sample tokens from each shard, uniform within it; -1 pads short shards."""
+def sample_per_shard(n_seq: int, shard_rows: int, total: int) -> int:
+    """Sample tokens per shard when ``total`` are spread over the shards of ``n_seq`` rows."""
+    return 0 if total <= 0 else math.ceil(total / math.ceil(n_seq / shard_rows))
+
+
+def stratified_sample(mask: np.ndarray, shard_rows: int, total: int, seed: int,
+                      per: int | None = None, first: int = 0) -> np.ndarray:  # fmt: skip
+    """Same number of sample tokens from each shard, uniform within it; -1 pads short shards.
+
+    ``per`` (default: :func:`sample_per_shard`) fixes the tokens per shard, and ``first`` the
+    first shard to draw: a grown corpus draws its new shards at its first run's rate, and a
+    shard's draw depends only on its own rows and ``(seed, shard)``.
+    """
     n_seq, seq_len = mask.shape
     n_shards = math.ceil(n_seq / shard_rows)
-    if total <= 0:
+    per = sample_per_shard(n_seq, shard_rows, total) if per is None else per
+    if per <= 0:
         return np.zeros(0, np.int64)
-    per = math.ceil(total / n_shards)
-    out = np.full((n_shards, per), -1, np.int64)
-    for s in range(n_shards):
+    out = np.full((n_shards - first, per), -1, np.int64)
+    for s in range(first, n_shards):
         a = s * shard_rows
         valid = np.flatnonzero(mask[a : a + shard_rows].reshape(-1)) + a * seq_len
         rng = np.random.default_rng([seed, s])
         pick = np.sort(rng.choice(valid, size=min(per, len(valid)), replace=False))
-        out[s, : len(pick)] = pick
+        out[s - first, : len(pick)] = pick
     return out.reshape(-1)

@@ -140,6 +140,9 @@ class Atlas:
         return self._shards.get(shard, lambda: self.read_shard(shard))
 
     def sample_rows_per_shard(self) -> int:
+        a = self.corpus.attrs
+        if "sample_per_shard" in a:  # fixed when the corpus is written, kept as it grows
+            return int(a["sample_per_shard"])
         n = self.corpus["sample_positions"].shape[0]
         return n // max(len(self.shard_ranges()), 1)
 
@@ -214,6 +217,12 @@ class Atlas:
     @routed
     def model_attrs(self, model: str) -> dict[str, Any]:
         return dict(self.root["models"][model].attrs)
+
+    def data_key(self, fingerprint: str) -> str:
+        """A model's content key (``fingerprint``) joined with the extent of the corpus: the
+        key of every result computed from the recorded data (dictionaries, universality),
+        so that they are computed again once the corpus has grown."""
+        return f"{fingerprint}@{int(self.corpus.attrs['n_sequences'])}"
 
     @routed
     def layers(self, model: str) -> list[int]:

@@ -17,6 +17,8 @@
     universality/summary/<model>/<L>/{mean_max_corr, ..., universal, dead}
     families/<name>/                               a complete nested atlas (own tokenizer)
     _work/<key>/shard_<i>/...                      per-shard partials, removed after the merge
+    _state/record/<m>/ckpt-<i>/...                 merged statistics of the corpus's whole shards
+                                                   (kept: a grown corpus continues from them)
     _manifest (attrs)                              which shards of which stage are complete
     _runs (attrs)                                  run accounting, latest last
 
@@ -49,6 +51,8 @@ SUMMARY_ARRAYS = ("mean_max_corr", "max_max_corr", "min_max_corr", "baseline", "
                   "universal", "dead")  # fmt: skip
 
 WORK, MANIFEST, RUNS, FAMILIES, UNIVERSALITY = "_work", "_manifest", "_runs", "families", "universality"
+STATE = "_state"
+"""Mergeable state a finished job keeps (``_work`` is dropped): what a grown corpus continues."""
 
 
 DIMS: dict[str, tuple[str, ...]] = {

@@ -149,7 +149,56 @@ class Store(Atlas):
         _array(g, "vocab_offsets", offsets)
         _array(g, "sample_positions", sample_positions.astype(np.int64))
         g.attrs.update({"source_names": list(source_names), "shard_sequences": rows,
+                        "sample_per_shard": len(sample_positions) // -(-n // rows),
                         "n_sequences": n, "seq_len": s, "n_tokens": int(mask.sum()), **attrs})  # fmt: skip
+
+    def extend_corpus(self, tokens: np.ndarray, doc_ids: np.ndarray, sources: np.ndarray,
+                      source_names: Sequence[str], mask: np.ndarray, sample_tail: np.ndarray,
+                      attrs: Mapping[str, Any]) -> int:  # fmt: skip
+        """Grow the corpus to ``tokens`` (the stored sequences must be its first rows, with
+        the same source names first) and return the first shard whose rows changed: the old
+        last shard when it was short, else the first new one. ``sample_tail`` holds the
+        sample positions of that shard onward (the per-shard rate is kept). Every model's
+        sample array grows with it; what those shards held must be recorded again."""
+        c = self.corpus
+        n_old, rows = int(c.attrs["n_sequences"]), int(c.attrs["shard_sequences"])
+        n = len(tokens)
+        first = n_old // rows
+        per = self.sample_rows_per_shard()
+        n_shards = -(-n // rows)
+        if len(sample_tail) != (n_shards - first) * per:
+            raise AtlasError(f"sample positions of shards {first}.. of {self.path}: "
+                             f"{len(sample_tail)} given, {(n_shards - first) * per} expected")  # fmt: skip
+        # first what must be done again (a run killed after this point grows the corpus
+        # again next time: the corpus attrs, written last, still say it is the old one)
+        m = self.root.require_group(MANIFEST)
+        for stage, entry in dict(m.attrs).items():  # shards from `first` are recorded again
+            m.attrs[stage] = {**entry, "complete": False,
+                              "shards": [i for i in entry.get("shards", []) if i < first]}  # fmt: skip
+        for model in self.models:
+            self.model_group(model).attrs["complete"] = False
+        self.touch(complete=False)
+        a = first * rows
+        for name, data, dtype in (("tokens", tokens, np.int32), ("mask", mask, bool),
+                                  ("doc_ids", doc_ids, np.int64), ("sources", sources, np.int16)):  # fmt: skip
+            arr = c[name]
+            arr.resize((n, *arr.shape[1:]))
+            arr[a:n] = np.asarray(data[a:n]).astype(dtype)
+        sp = c["sample_positions"]
+        if per:
+            sp.resize((n_shards * per,))
+            sp[first * per :] = sample_tail
+            for model in self.models:
+                g = self.model_group(model)["layers"]
+                for layer in g.group_keys():
+                    if "sample" in g[layer]:
+                        s = g[layer]["sample"]
+                        s.resize((n_shards * per, s.shape[1]))
+                        s[first * per :] = 0  # rewritten by the shards recorded again
+        c.attrs.update({**attrs, "source_names": list(source_names), "n_sequences": n,
+                        "n_tokens": int(np.asarray(mask).sum())})  # fmt: skip
+        self._corpus_meta, self._shards = None, type(self._shards)(32)
+        return first
 
     # ------------------------------------------------------------------ neurons
 
@@ -231,12 +280,14 @@ class Store(Atlas):
             ) from None
         return {k: sg[k][...] for k in (sg.array_keys() if only is None else only)}
 
-    def write_checkpoint(self, key: str, arrays: Mapping[str, np.ndarray], cursor: int) -> None:
-        """Atomically replace the checkpoint of a unit of work under ``_work/<key>``: the new
+    def write_checkpoint(self, key: str, arrays: Mapping[str, np.ndarray], cursor: int,
+                         under: str = WORK) -> None:  # fmt: skip
+        """Atomically replace the checkpoint of a unit of work under ``<under>/<key>``
+        (``_work``, dropped when the job finishes, or ``_state``, kept): the new
         state is written beside the old one, then the group's ``checkpoint`` attribute (the
         commit point) names it, then the old one is dropped. A run killed at any point
         leaves either checkpoint whole."""
-        g = _require_group(_require_group(self.root, WORK), key)
+        g = _require_group(_require_group(self.root, under), key)
         prev = g.attrs.get("checkpoint")
         serial = prev["serial"] + 1 if prev else 0
         name = f"ckpt-{serial}"
@@ -250,10 +301,11 @@ class Store(Atlas):
         if prev and f"ckpt-{prev['serial']}" in g:
             del g[f"ckpt-{prev['serial']}"]
 
-    def read_checkpoint(self, key: str) -> tuple[dict[str, np.ndarray], int] | None:
-        """The committed checkpoint under ``_work/<key>`` and its cursor, or None."""
+    def read_checkpoint(self, key: str, under: str = WORK
+                        ) -> tuple[dict[str, np.ndarray], int] | None:  # fmt: skip
+        """The committed checkpoint under ``<under>/<key>`` and its cursor, or None."""
         try:
-            g = self.root[WORK][key]
+            g = self.root[under][key]
         except KeyError:
             return None
         cp = g.attrs.get("checkpoint")

@@ -95,6 +95,16 @@ def test_rerun_and_resume_do_nothing(s3_atlas: str, tiny_model_dir: Path) -> Non
     assert _arrays(s3_atlas) == before  # type: ignore[arg-type]
 
 
+def test_overwrite_on_s3_is_refused_and_the_atlas_kept(s3_atlas: str, tiny_model_dir: Path) -> None:
+    """No atomic rename on an object store: --overwrite could not swap a new atlas in safely."""
+    from storage.atlas import AtlasError
+
+    before = _arrays(s3_atlas)  # type: ignore[arg-type]
+    with pytest.raises(AtlasError, match="no atomic rename"):
+        _run(_job(s3_atlas, tiny_model_dir), overwrite=True)
+    assert _arrays(s3_atlas) == before  # type: ignore[arg-type]
+
+
 def test_foreign_prefix_is_refused_and_kept(s3, tiny_model_dir: Path) -> None:
     from storage.atlas import AtlasError
 
