@@ -310,6 +310,85 @@ def cmd_neuron(args: argparse.Namespace) -> int:
     return 0
 
 
+def dumps(obj: Any) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null, which every parser reads."""
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float):
+            return o if np.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def _kind_detail(r: dict) -> str:
+    """What a neuron of its kind fires on, in one line."""
+    if r["kind"] in ("token", "ngram"):
+        return ", ".join(repr(t) for t in r["tokens"])
+    if r["kind"] == "positional":
+        return "by position " + sparkline([round(1000 * x) + 1 for x in r["positions"]])
+    if r["kind"] == "source":
+        return f"{r['source']}  " + "  ".join(f"{k} {v:.3f}" for k, v in r["source_rates"].items())
+    return ""
+
+
+def cmd_neurons(args: argparse.Namespace) -> int:
+    rows = Atlas.open(args.atlas).neurons(args.model, layer=args.layer, kind=args.kind,
+                                          source=args.source, top=args.top)  # fmt: skip
+    if args.json:
+        print(dumps(rows))
+        return 0
+    if not rows:
+        print("no neurons of that kind")
+    for r in rows:
+        detail = shown(_kind_detail(r))
+        print(f"{r['kind']:<10} L{r['layer']:<3} N{r['index']:<6} score {r['score']:.3f}  "
+              f"fires {r['fire_rate']:.4f}  {detail}")  # fmt: skip
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    atlas = Atlas.open(args.atlas)
+    rows = atlas.layer_kinds(args.model)
+    if args.plot:
+        plot_layers(rows, args.model, args.plot)
+    if args.json:
+        print(dumps(rows))
+        return 0
+    kinds = list(Atlas.KINDS)
+    print(f"{'layer':>5} " + "".join(f"{k:>11}" for k in kinds))
+    for r in rows:
+        print(f"{r['layer']:>5} " + "".join(f"{r[k]:>11.1%}" for k in kinds))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def plot_layers(rows: list[dict], model: str, path: str) -> None:
+    """Fraction of each kind per layer, one line per kind (the seed paper's headline plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    layers = [r["layer"] for r in rows]
+    for k in Atlas.KINDS:
+        ax.plot(layers, [100 * r[k] for r in rows], marker="o", label=k)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons (%)")
+    ax.set_title(f"{model}: neuron kinds per layer")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def cmd_universal(args: argparse.Namespace) -> int:
     atlas = Atlas.open(args.atlas)
     overview = atlas.universality_overview()
@@ -564,6 +643,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of examples (default all)")  # fmt: skip
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=cmd_neuron)
+    ns = sub.add_parser("neurons", help="neurons of a kind (dead, token, ngram, positional, "
+                        "source, massive), strongest first")  # fmt: skip
+    ns.add_argument("atlas", help="atlas path or URL")
+    ns.add_argument("model", type=model_name, help="model name in the atlas")
+    ns.add_argument("--layer", type=int, default=None, help="only this layer (default all)")
+    ns.add_argument("--kind", choices=list(Atlas.KINDS), default=None,
+                    help="rank by this kind's score (default: every kind, --top of each)")  # fmt: skip
+    ns.add_argument("--source", default=None,
+                    help="only neurons that fire most on this corpus source (e.g. wiki-fr)")  # fmt: skip
+    ns.add_argument("--top", type=positive_int, default=20, help="how many neurons per kind")
+    ns.add_argument("--json", action="store_true", help="a JSON list of neuron records")
+    ns.set_defaults(fn=cmd_neurons)
+    ly = sub.add_parser("layers", help="per layer, the fraction of each neuron kind")
+    ly.add_argument("atlas", help="atlas path or URL")
+    ly.add_argument("model", type=model_name, help="model name in the atlas")
+    ly.add_argument("--plot", metavar="PNG", default=None, help="also draw it into this file")
+    ly.add_argument("--json", action="store_true")
+    ly.set_defaults(fn=cmd_layers)
     u = sub.add_parser("universal", help="universal neurons (cross-seed correlations)")
     u.add_argument("atlas")
     u.add_argument("--model", type=model_name, help="only this model")

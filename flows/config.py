@@ -102,6 +102,50 @@ def valid_model_name(v: str) -> str:
     return v
 
 
+class TaxonomyConfig(_Strict):
+    """What the record pass counts per neuron for the taxonomy (``ops.taxonomy``), and when
+    a score makes a label. A neuron "fires" on a token when its activation is above its
+    threshold: ``threshold`` for every neuron, or its own ``quantile`` of activations."""
+
+    threshold: float | None = Field(
+        None, description="Fires when the activation is above this. Default (with no "
+        "quantile): 0 for ReLU models, the 0.99 quantile for GELU/SwiGLU ones, whose "
+        "activations are rarely exactly 0.",
+    )  # fmt: skip
+    quantile: float | None = Field(
+        None, gt=0, lt=1, description="Per-neuron threshold: this quantile of the neuron's "
+        "activations over the first `probe_tokens` recorded tokens of the corpus (shard 0 "
+        "on), so 1 and 2 workers agree.",
+    )  # fmt: skip
+    probe_tokens: int = Field(
+        4096, ge=16, description="Tokens the quantile thresholds are estimated from."
+    )
+    buckets: int = Field(8, ge=1, le=256, description="Position buckets per sequence.")
+    sketch: int = Field(
+        32, ge=1, le=1024, description="Trigger tokens (and bigrams) kept per neuron: counts "
+        "are exact while a neuron fires on at most this many distinct ones.",
+    )  # fmt: skip
+    min_fires: int = Field(20, ge=1, description="Fewer fires: no label but dead.")
+    token: float = Field(0.5, ge=0, le=1, description="Top-1 token share of a token detector.")
+    ngram: float = Field(
+        0.5, ge=0, le=1, description="Top-1 bigram share of an n-gram detector (and above its "
+        "token share).",
+    )  # fmt: skip
+    positional: float = Field(
+        0.3, ge=0, le=1, description="Share of firing variance explained by position (eta^2)."
+    )
+    source: float = Field(
+        0.5, ge=0, le=1, description="Source selectivity: 1 - entropy of per-source firing "
+        "rates / log(sources).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> TaxonomyConfig:
+        if self.threshold is not None and self.quantile is not None:
+            raise ValueError("give threshold or quantile, not both")
+        return self
+
+
 class RecordConfig(_Strict):
     topk: int = Field(32, ge=1, le=4096, description="Max-activating examples kept per neuron.")
     hist_bins: int = Field(
@@ -129,6 +173,11 @@ class RecordConfig(_Strict):
     top_tokens: int = Field(
         10, ge=1, le=100, description="Promoted/suppressed tokens kept per neuron."
     )
+    taxonomy: TaxonomyConfig | None = Field(
+        default_factory=TaxonomyConfig,
+        description="Counters for the neuron taxonomy (dead, token, n-gram, positional, "
+        "source-selective); null turns them off.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _hist_range(self) -> RecordConfig:

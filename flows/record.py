@@ -15,10 +15,29 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import JobConfig, ModelConfig, SAERunConfig
-from flows.engine import Ledger, Shard, Stage, StageRun, ensure_ray, get, run_stage, worker_env
+from flows.engine import (
+    Build,
+    Ledger,
+    Shard,
+    Stage,
+    StageRun,
+    ensure_ray,
+    get,
+    run_stage,
+    worker_env,
+)
 from flows.tasks import TASK
+from flows.taxonomy import (
+    PREFIX,
+    counter_arrays,
+    counter_consumers,
+    firing,
+    read_counters,
+    write_labels,
+)
 from ops.engine import ActivationFeed, ActivationSample, Consumer, NeuronStats
 from ops.stats import HistSpec, StatsPartial, finalize, hist_spec, merge_partials, stack_partials
+from ops.taxonomy import CountersPartial, merge_counters
 from storage.atlas import Atlas
 from storage.layout import STATE
 from storage.store import Store
@@ -27,11 +46,14 @@ from storage.store import Store
 
 
 def _record_consumers(layers: list[int], sample_layers: list[int], k: int, spec: HistSpec,
-                      feed_layer: int | None, shard: Shard) -> list[Consumer]:  # fmt: skip
-    """Per shard: statistics of every recorded layer, the sample rows of this shard, and
-    (when a streamed SAE shares the pass) the feed of its layer."""
+                      feed_layer: int | None, counters: Build | None, shard: Shard
+                      ) -> list[Consumer]:  # fmt: skip
+    """Per shard: statistics of every recorded layer, the taxonomy's counters, the sample
+    rows of this shard, and (when a streamed SAE shares the pass) the feed of its layer."""
     lm = shard.models[0]
     out: list[Consumer] = [NeuronStats((0, L), lm.d_mlp, k, spec, shard.device) for L in layers]
+    if counters is not None:
+        out += counters(shard)
     if sample_layers:
         per = shard.atlas.sample_rows_per_shard()
         want = shard.atlas.corpus["sample_positions"][shard.index * per : (shard.index + 1) * per]
@@ -45,7 +67,7 @@ def _record_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dict
     """The shard's statistics partial (stacked over layers) and sample rows into the atlas;
     a feed goes back to the driver."""
     parts = [c.state() for c in consumers if isinstance(c, NeuronStats)]
-    shard.atlas.write_partial(model, shard.index, stack_partials(parts))
+    shard.atlas.write_partial(model, shard.index, stack_partials(parts) | counter_arrays(consumers))
     out = {}
     for c in consumers:
         if isinstance(c, ActivationSample):
@@ -63,8 +85,10 @@ def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -
     since, which gives the same statistics as a fold over every shard from the start."""
     n_shards = len(atlas.shard_ranges())
     whole = int(atlas.corpus.attrs["n_sequences"]) // int(atlas.corpus.attrs["shard_sequences"])
+    n_sources = len(atlas.corpus.attrs["source_names"])
     key = f"record/{model.name}"
     acc: StatsPartial | None = None
+    counts: CountersPartial | None = None
     start = 0
     kept = atlas.read_checkpoint(key, under=STATE)
     if kept is not None and kept[0].get("fingerprint") is not None:
@@ -72,12 +96,18 @@ def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -
         fp = bytes(arrays.pop("fingerprint")).decode()
         if fp == prep["fingerprint"] and 0 < cursor <= whole:
             acc, start = StatsPartial.from_arrays(arrays), cursor
+            counts = read_counters(arrays, n_sources)
     for s in tqdm(range(start, n_shards), desc=f"merge {model.name}", unit="shard"):
-        part = StatsPartial.from_arrays(atlas.read_partial(model.name, s))
+        arrays = atlas.read_partial(model.name, s)
+        part, c = StatsPartial.from_arrays(arrays), read_counters(arrays, n_sources)
         acc = part if acc is None else merge_partials([acc, part])
+        if c is not None:
+            counts = c if counts is None else merge_counters([counts, c])
         if s + 1 == whole and whole > start:
-            state = acc.to_arrays() | {"fingerprint": np.frombuffer(prep["fingerprint"].encode(), np.uint8)}
-            atlas.write_checkpoint(key, state, whole, under=STATE)
+            fp = np.frombuffer(prep["fingerprint"].encode(), np.uint8)
+            extra = counts.to_arrays(PREFIX) if counts is not None else {}
+            atlas.write_checkpoint(key, acc.to_arrays() | extra | {"fingerprint": fp}, whole,
+                                   under=STATE)  # fmt: skip
     assert acc is not None
     stats = finalize(acc, job.record.dead_frequency, job.record.massive_threshold)
     dead_frac = {}
@@ -87,9 +117,14 @@ def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -
             acc.top_values[i], acc.top_positions[i],
         )  # fmt: skip
         dead_frac[layer] = float(stats["dead"][i].mean())
+    kinds = None
+    if counts is not None and prep.get("firing") is not None and job.record.taxonomy is not None:
+        rule, thresholds = prep["firing"]
+        kinds = write_labels(atlas, model.name, prep["layers"], counts, stats, rule,
+                             job.record.taxonomy, thresholds)  # fmt: skip
     atlas.model_group(model.name).attrs.update({"complete": True, "tokens": int(acc.n)})
     atlas.touch()
-    return {"tokens": int(acc.n), "dead_frac": dead_frac}
+    return {"tokens": int(acc.n), "dead_frac": dead_frac, "kinds": kinds}
 
 
 def record_stage(job: JobConfig, model: ModelConfig, prep: dict,
@@ -98,10 +133,13 @@ def record_stage(job: JobConfig, model: ModelConfig, prep: dict,
     per batch; with ``feed_layer``, a streamed SAE's input too (the same forward)."""
     r = job.record
     spec = hist_spec(r.hist_bins, r.hist_min, r.hist_max)
+    fire = prep.get("firing")
+    counters = (partial(counter_consumers, r.taxonomy, prep["layers"], fire[1])
+                if fire is not None and r.taxonomy is not None else None)  # fmt: skip
     return Stage(
         name=f"record/{model.name}", key=prep["fingerprint"], models=[model],
         build=partial(_record_consumers, prep["layers"], prep["sample_layers"], r.topk, spec,
-                      feed_layer),
+                      feed_layer, counters),
         persist=partial(_record_persist, model.name), batch_size=r.batch_size,
         merge=partial(record_merge, job, model, prep), work=[model.name],
         description=f"record {model.name}",
@@ -145,6 +183,8 @@ def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger 
 
     When the job streams an SAE over this model's layer, the record pass feeds it too: the
     SAE trains here, in shard order, on the activations of the same forward."""
+    if job.record.taxonomy is not None and not Store.open(job.atlas).model_attrs(model.name).get("complete"):
+        prep = prep | {"firing": firing(job, model, prep, ledger)}
     shared = _shared_stream(job, model, prep)
     if shared is None:
         out = run_stage(record_stage(job, model, prep), job.atlas, job.resources, ledger)

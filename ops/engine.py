@@ -40,6 +40,7 @@ from ops.correlation import FamilyMoments
 from ops.errors import ConfigError
 from ops.models import LoadedModel, capture_mlp, forward_until
 from ops.stats import HistSpec, NeuronAccumulator, StatsPartial, finalize, merge_partials
+from ops.taxonomy import CountersAccumulator, CountersPartial, merge_counters
 
 Site = tuple[int, int]
 """``(model index in the pass, layer)``."""
@@ -117,6 +118,70 @@ class NeuronStats(Consumer):
 
     merge = staticmethod(merge_partials)
     finalize = staticmethod(finalize)
+
+
+class ShardTokens:
+    """What the counters need to know of a shard's rows: the token at, and before, each flat
+    corpus position, its position bucket and its corpus source."""
+
+    def __init__(self, tokens: np.ndarray, first_sequence: int, sources: np.ndarray,
+                 buckets: np.ndarray, prepend_bos: bool):  # fmt: skip
+        self.tokens = np.asarray(tokens, np.int64)  # [rows, seq_len] of the shard
+        self.seq_len = self.tokens.shape[1]
+        self.first = first_sequence * self.seq_len
+        self.sources = np.asarray(sources)  # [rows]
+        self.buckets = np.asarray(buckets, np.int64)  # [seq_len]
+        self.prepend_bos = prepend_bos
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(token, previous token or -1, bucket, source) of flat corpus positions."""
+        local = positions - self.first
+        flat = self.tokens.reshape(-1)
+        t = local % self.seq_len
+        prev = np.where(t > 0, flat[np.maximum(local - 1, 0)], -1)
+        return flat[local], prev, self.buckets[t], self.sources[local // self.seq_len]
+
+
+class NeuronCounters(Consumer):
+    """Firing counts per position bucket and source, and trigger-token and bigram summaries
+    of every neuron of a site (``ops.taxonomy``)."""
+
+    def __init__(self, site: Site, d: int, shard: ShardTokens, sources: int, m: int,
+                 threshold: float | np.ndarray, device: torch.device | str = "cpu"):  # fmt: skip
+        self.sites = (site,)
+        self.shard = shard
+        n_buckets = int(shard.buckets.max()) + 1
+        self.acc = CountersAccumulator(d, n_buckets, sources, m, threshold, device)
+
+    @torch.no_grad()
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        x = acts[0].index_select(0, rows)
+        self.acc.update(x, *self.shard.lookup(positions.cpu().numpy()))
+
+    def state(self) -> CountersPartial:
+        return self.acc.partial()
+
+    merge = staticmethod(merge_counters)
+
+
+class FiringProbe(Consumer):
+    """The per-neuron ``q``-quantile of a site's activations over the first ``max_rows``
+    recorded tokens it sees: the firing threshold of neurons without a natural zero."""
+
+    def __init__(self, site: Site, q: float, max_rows: int):
+        self.sites = (site,)
+        self.q, self.max_rows, self.parts, self.n = q, max_rows, [], 0
+
+    @torch.no_grad()
+    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+        if self.n < self.max_rows:
+            take = rows[: self.max_rows - self.n]
+            self.parts.append(acts[0].index_select(0, take).float().cpu())
+            self.n += len(take)
+
+    def state(self) -> np.ndarray:
+        x = torch.cat(self.parts).double().numpy()
+        return np.quantile(x, self.q, axis=0)
 
 
 class FeatureStats(Consumer):

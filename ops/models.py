@@ -483,6 +483,8 @@ def model_info(source: str, revision: str | None = None) -> dict[str, Any]:
         "d_mlp": spec.d_mlp(config),
         "site": spec.description,
         "vocab_size": int(config.vocab_size),
+        "activation": str(getattr(config, "hidden_act", None)
+                          or getattr(config, "activation_function", None) or "unknown"),
     }
 
 

@@ -27,6 +27,7 @@ from storage.layout import (
     RUNS,
     SCHEMA_VERSION,
     STAT_NAMES,
+    TAXONOMY,
     UNIVERSALITY,
     family_path,
     pair_key,
@@ -267,7 +268,7 @@ class Atlas:
         def load() -> dict[str, dict[str, np.ndarray]]:
             L = self.layer_group(model, layer)
             out = {g: {k: L[g][k][...] for k in self._array_names(L[g])}
-                   for g in ("stats", "topk", "props") if g in L}  # fmt: skip
+                   for g in ("stats", "topk", "props", TAXONOMY) if g in L}  # fmt: skip
             for arrays in out.values():
                 for a in arrays.values():
                     a.flags.writeable = False  # shared by every caller of this handle
@@ -283,6 +284,16 @@ class Atlas:
             raise ChunkError(f"array {group.path}/{gone[0]} of {self.path} is missing: the atlas "
                              f"is damaged (`neuronmap verify {self.path}`)")  # fmt: skip
         return have
+
+    @routed
+    def taxonomy(self, model: str, layer: int) -> dict[str, np.ndarray]:
+        """A finished layer's taxonomy arrays (``{}`` when the job did not count them)."""
+        return dict(self._layer_data(model, layer).get(TAXONOMY, {}))
+
+    @routed
+    def taxonomy_attrs(self, model: str, layer: int) -> dict[str, Any]:
+        L = self.layer_group(model, layer)
+        return dict(L[TAXONOMY].attrs) if TAXONOMY in L else {}
 
     @routed
     def props(self, model: str, layer: int) -> dict[str, np.ndarray]:
@@ -342,6 +353,103 @@ class Atlas:
         src = names[int(c["sources"][seq])] if names else ""
         text = mark_token(left, tok, right)
         return Example(rank, value, position, seq, t, tok.decode("utf-8", "replace"), text, src)
+
+    # ------------------------------------------------------------------ taxonomy
+
+    KINDS = ("dead", "token", "ngram", "positional", "source", "massive")
+    _SCORE = {"token": "token_top1", "ngram": "ngram_top1", "positional": "pos_var",
+              "source": "source_selectivity"}  # fmt: skip
+
+    def _taxonomy_layers(self, model: str, layer: int | None) -> list[int]:
+        self._require_complete(model)
+        layers = self.layers(model) if layer is None else [layer]
+        if layer is not None and layer not in self.layers(model):
+            raise AtlasError(f"layer {layer} of {model!r} is not in {self.path} "
+                             f"(recorded: {self.layers(model)})")  # fmt: skip
+        if not all(self.taxonomy(model, L).get("kind_dead") is not None for L in layers):
+            raise AtlasError(f"{self.path} has no taxonomy for {model!r} (the job ran with "
+                             "'record.taxonomy: null'; map it again with the default)")  # fmt: skip
+        return layers
+
+    def _token_texts(self, items: np.ndarray, counts: np.ndarray, base: int | None,
+                     n: int) -> list[dict[str, Any]]:  # fmt: skip
+        out = []
+        for it, c in zip(items[:n], counts[:n], strict=True):
+            if it < 0 or c <= 0:
+                break
+            text = (self.decode([int(it)]) if base is None
+                    else self.decode([int(it) // base]) + self.decode([int(it) % base]))  # fmt: skip
+            out.append({"text": text, "count": int(c)})
+        return out
+
+    @routed
+    def neurons(self, model: str, layer: int | None = None, kind: str | None = None,
+                source: str | None = None, top: int = 20) -> list[dict[str, Any]]:  # fmt: skip
+        """Neurons of one kind (``KINDS``), strongest first: ``{"layer", "index", "kind",
+        "score", ...}`` with the top trigger ``tokens`` (token and n-gram kinds, most
+        frequent first), the firing rate per position bucket (``positions``), the favoured
+        ``source`` and per-source rates. ``kind=None``: every kind, ``top`` of each.
+        ``source`` keeps the neurons whose favoured source it is (any kind)."""
+        if kind is not None and kind not in self.KINDS:
+            raise AtlasError(f"unknown kind {kind!r}; kinds: {', '.join(self.KINDS)}")
+        kinds = [kind] if kind else list(self.KINDS)
+        layers = self._taxonomy_layers(model, layer)
+        names = self.taxonomy_attrs(model, layers[0]).get("sources", [])
+        if source is not None and source not in names:
+            raise AtlasError(f"unknown source {source!r}; sources of {self.path}: {names}")
+        rows: list[dict[str, Any]] = []
+        for k in kinds:
+            cands = []
+            for L in layers:
+                t, st = self.taxonomy(model, L), self._layer_data(model, L)["stats"]
+                sel = t[f"kind_{k}"].copy()
+                if source is not None:
+                    sel &= t["source_favoured"] == names.index(source)
+                for i in np.flatnonzero(sel):
+                    score = (float(t[self._SCORE[k]][i]) if k in self._SCORE
+                             else float(max(abs(st["max"][i]), abs(st["min"][i]))) if k == "massive"
+                             else 1.0 - float(t["fire_rate"][i]))  # fmt: skip
+                    cands.append((-score, L, int(i), score))
+            for _, L, i, score in sorted(cands)[:top]:
+                rows.append(self._taxonomy_record(model, L, i, k, score, names))
+        return rows
+
+    def _taxonomy_record(self, model: str, layer: int, i: int, kind: str, score: float,
+                         names: list[str]) -> dict[str, Any]:  # fmt: skip
+        t = self.taxonomy(model, layer)
+        attrs = self.taxonomy_attrs(model, layer)
+        rec: dict[str, Any] = {
+            "model": model, "layer": layer, "index": i, "kind": kind, "score": score,
+            "kinds": [k for k in self.KINDS if t[f"kind_{k}"][i]],
+            "fire_rate": float(t["fire_rate"][i]), "fires": int(t["fires"][i]),
+            "threshold": float(t["threshold"][i]),
+        }  # fmt: skip
+        base = int(attrs.get("bigram_base", 2**31))
+        toks = self._token_texts(t["tok_items"][i], t["tok_counts"][i], None, 5)
+        grams = self._token_texts(t["bi_items"][i], t["bi_counts"][i], base, 5)
+        top = grams if kind == "ngram" else toks  # `tokens`: what the kind fires on
+        rec["tokens"] = [x["text"] for x in top]
+        rec["counts"] = [x["count"] for x in top]
+        rec["exact"] = bool(t["bi_err" if kind == "ngram" else "tok_err"][i] == 0)
+        rec["bigrams"] = [x["text"] for x in grams]
+        props = self.props(model, layer)
+        if "top_suppressed" in props and toks:
+            # the seed paper's weight view: does W_out remove the trigger from the stream?
+            rec["suppresses_trigger"] = bool(int(t["tok_items"][i][0]) in props["top_suppressed"][i])
+        rec["positions"] = [float(x) for x in t["pos_rate"][i]]
+        rec["source"] = names[int(t["source_favoured"][i])] if names else None
+        rec["source_rates"] = {n: float(r) for n, r in zip(names, t["source_rate"][i], strict=False)}
+        return rec
+
+    @routed
+    def layer_kinds(self, model: str) -> list[dict[str, Any]]:
+        """Per layer, the fraction of neurons of each kind (a neuron may have several)."""
+        out = []
+        for L in self._taxonomy_layers(model, None):
+            t = self.taxonomy(model, L)
+            out.append({"layer": L, "neurons": int(len(t["kind_dead"])),
+                        **{k: float(t[f"kind_{k}"].mean()) for k in self.KINDS}})  # fmt: skip
+        return out
 
     def _require_complete(self, model: str) -> None:
         if not self.model_attrs(model).get("complete"):

@@ -10,6 +10,9 @@
     models/<m>/layers/<L>/topk/{values,positions}  [d_mlp, k]; positions index corpus/tokens.flat
     models/<m>/layers/<L>/sample [n_sample, d_mlp] float16 (optional)
     models/<m>/layers/<L>/props/...                weight-derived neuron properties
+    models/<m>/layers/<L>/taxonomy/{threshold, fires, scores..., kind_<k>, tok_items/counts,
+                                    bi_items/counts, pos_rate, source_rate, source_mean}
+                                                   + attrs (firing rule, tokens, sources, buckets)
     models/<m>/layers/<L>/{sae,snmf}/<run>/{weights..., stats/, topk/} + attrs (config, metrics)
     models/<m>/layers/<L>/steering                 attrs["results"] by key; baseline directions
     universality/<A>--<B>/{partner_layer, partner_index, max_corr, min_corr, baseline_max_corr,
@@ -43,6 +46,9 @@ STAT_DTYPES = {"count": "int64", "hist": "int64", "dead": "bool", "massive": "bo
                "min": "float32", "max": "float32"}  # fmt: skip
 """dtype of each neuron statistic (float64 when not listed)."""
 
+TAXONOMY = "taxonomy"
+"""Per-layer group of the neuron taxonomy (``ops.taxonomy``)."""
+
 METHODS = ("sae", "snmf")
 """Dictionary methods, each a group under a layer."""
 
@@ -66,6 +72,10 @@ DIMS: dict[str, tuple[str, ...]] = {
     "promoted": ("feature", "rank"), "suppressed": ("feature", "rank"),
     "top_promoted": ("neuron", "rank"), "top_suppressed": ("neuron", "rank"),
     "perm": ("layer", "neuron"), "corr": ("layer", "neuron"),
+    "pos_rate": ("neuron", "position_bucket"), "pos_tokens": ("position_bucket",),
+    "source_rate": ("neuron", "source"), "source_mean": ("neuron", "source"),
+    "src_tokens": ("source",), "tok_items": ("neuron", "rank"), "tok_counts": ("neuron", "rank"),
+    "bi_items": ("neuron", "rank"), "bi_counts": ("neuron", "rank"),
     **{name: ("layer", "neuron") for name in PAIR_ARRAYS},
 }  # fmt: skip
 """Dimension names of arrays by name (``{unit}`` is ``neuron`` or ``feature``); any other

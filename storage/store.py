@@ -32,6 +32,7 @@ from storage.layout import (
     SCHEMA_VERSION,
     STAT_DTYPES,
     STAT_NAMES,
+    TAXONOMY,
     UNIVERSALITY,
     WORK,
     dims,
@@ -235,6 +236,16 @@ class Store(Atlas):
             L["stats"][name][...] = stats[name]
         L["topk"]["values"][...] = top_values
         L["topk"]["positions"][...] = top_positions
+
+    @routed
+    def write_taxonomy(self, model: str, layer: int, arrays: Mapping[str, np.ndarray],
+                       attrs: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        """A layer's taxonomy arrays and attrs (models/<m>/layers/<L>/taxonomy/...)."""
+        g = self.layer_group(model, layer).require_group(TAXONOMY)
+        for k, v in arrays.items():
+            _array(g, k, v, replace=True)
+        if attrs:
+            g.attrs.update(jsonable(dict(attrs)))
 
     @routed
     def write_props(self, model: str, layer: int, arrays: Mapping[str, np.ndarray]) -> None:

@@ -143,6 +143,49 @@ def test_atlas_matches_float64_numpy(mapped: Path, tiny_model_dir: Path) -> None
         assert ok.sum() >= 200
         np.testing.assert_allclose(sample[ok], full[sample_pos[ok]].astype(np.float16), rtol=1e-3)
         assert mask[sample_pos[ok]].all()
+        _check_taxonomy(atlas, layer, x, positions)
+
+
+def _check_taxonomy(atlas: Atlas, layer: int, x: np.ndarray, positions: np.ndarray) -> None:
+    """The taxonomy's counters against numpy over the same activations: the quantile
+    thresholds from shard 0, fires per position bucket and source, trigger tokens, bigrams."""
+    from collections import Counter
+
+    from ops.taxonomy import BIGRAM_BASE, position_buckets
+
+    t = atlas.taxonomy("tiny", layer)
+    attrs = atlas.taxonomy_attrs("tiny", layer)
+    assert attrs["firing"]["rule"] == "quantile" and attrs["firing"]["q"] == 0.99  # SwiGLU
+    seq_len = atlas.corpus.attrs["seq_len"]
+    in0 = positions < atlas.shard_ranges()[0][1] * seq_len
+    np.testing.assert_allclose(t["threshold"], np.quantile(x[in0].astype(np.float64), 0.99, axis=0),
+                               rtol=1e-6)  # fmt: skip
+    fired = x > t["threshold"]
+    np.testing.assert_array_equal(t["fires"], fired.sum(0))
+    bucket = position_buckets(seq_len, 8)[positions % seq_len]
+    for b in range(8):
+        sel = bucket == b
+        if sel.any():
+            np.testing.assert_allclose(t["pos_rate"][:, b], fired[sel].mean(0), rtol=1e-12)
+    src = atlas.corpus["sources"][...][positions // seq_len]
+    for k in range(len(attrs["sources"])):
+        sel = src == k
+        np.testing.assert_allclose(t["source_rate"][:, k], fired[sel].mean(0), rtol=1e-12)
+        np.testing.assert_allclose(t["source_mean"][:, k], x[sel].astype(np.float64).mean(0),
+                                   rtol=1e-6, atol=1e-9)  # fmt: skip
+    flat = atlas.corpus["tokens"][...].reshape(-1).astype(np.int64)
+    tok, prev = flat[positions], flat[positions - 1]  # recorded positions never start a row
+    for j in range(x.shape[1]):
+        f = fired[:, j]
+        for which, true in (("tok", Counter(tok[f].tolist())),
+                            ("bi", Counter((prev[f] * BIGRAM_BASE + tok[f]).tolist()))):  # fmt: skip
+            items, counts, err = t[f"{which}_items"][j], t[f"{which}_counts"][j], t[f"{which}_err"][j]
+            got = {int(i): int(c) for i, c in zip(items, counts, strict=True) if i >= 0}
+            if len(true) <= len(items):  # exact while the summary holds every item
+                assert err == 0 and got == dict(true), (layer, j, which)
+            else:  # Misra-Gries: every count an underestimate by at most err
+                assert err > 0 and all(true[i] - err <= c <= true[i] for i, c in got.items())
+                assert all(c <= err for i, c in true.items() if i not in got), (layer, j, which)
 
 
 def test_one_worker_equals_two_workers(mapped: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

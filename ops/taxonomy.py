@@ -1,0 +1,380 @@
+"""Neuron taxonomy: what makes a neuron fire, counted in the activation pass, and the labels
+and scores drawn from the counts (*Neurons in LLMs: Dead, N-gram, Positional*; the
+language-neuron papers).
+
+Per neuron and shard, :class:`Counters` keeps (all mergeable, merged in shard order):
+
+- how often it fires ("fires": activation above the job's threshold) per **position
+  bucket** of the sequence, and the tokens per bucket;
+- how often it fires, and the sum of its activation, per **corpus source**;
+- the **trigger tokens** and **(previous, current) bigrams** it fires on, in a bounded
+  Misra–Gries summary of ``m`` entries per neuron (:class:`Sketch`). A summary is exact
+  while a neuron has fired on at most ``m`` distinct items; beyond that, every count is an
+  underestimate by at most the neuron's ``err`` (the summaries of Agarwal et al.,
+  *Mergeable summaries*, 2012; DataSketches' frequent-items sketch is the same algorithm).
+
+:func:`scores` turns merged counts into per-neuron scores and :func:`labels` into kinds:
+dead, token and n-gram detectors, positional and source-selective neurons.
+
+Pure numpy and torch: nothing here knows Ray, Prefect or Zarr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from ops.errors import ConfigError
+
+EMPTY = -1
+"""Item id of an unused summary slot."""
+
+BIGRAM_BASE = 2**31
+"""A bigram's item id is ``previous * BIGRAM_BASE + current`` (token ids are int32)."""
+
+
+# ---------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class Sketch:
+    """Misra–Gries summaries of ``d`` units (neurons), ``m`` entries each.
+
+    ``items``/``counts`` ``[d, m]`` are sorted by count (descending), then item (ascending);
+    unused slots hold item :data:`EMPTY` and count 0. ``err [d]`` is the most any count of
+    the unit underestimates the true one (0: the summary is exact).
+    """
+
+    items: np.ndarray  # int64 [d, m]
+    counts: np.ndarray  # int64 [d, m]
+    err: np.ndarray  # int64 [d]
+
+    @classmethod
+    def empty(cls, d: int, m: int) -> Sketch:
+        return cls(np.full((d, m), EMPTY, np.int64), np.zeros((d, m), np.int64),
+                   np.zeros(d, np.int64))  # fmt: skip
+
+    @property
+    def m(self) -> int:
+        return self.items.shape[1]
+
+    def triples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unit, item, count) of the used slots."""
+        u, j = np.nonzero(self.items != EMPTY)
+        return u, self.items[u, j], self.counts[u, j]
+
+
+def reduce_events(d: int, m: int, units: np.ndarray, items: np.ndarray, counts: np.ndarray,
+                  err: np.ndarray) -> Sketch:  # fmt: skip
+    """The summary of weighted events ``(unit, item, count)`` (duplicates allowed): per unit,
+    the counts of equal items are summed; when more than ``m`` items remain, the
+    ``(m+1)``-th largest count is subtracted from every count and what falls to zero is
+    dropped (Misra–Gries). ``err`` (the units' errors so far) grows by what was subtracted.
+    Ties are broken by item id, so the result depends only on the events."""
+    out = Sketch.empty(d, m)
+    out.err[:] = err
+    if len(units) == 0:
+        return out
+    units, items, counts = (np.asarray(a, np.int64) for a in (units, items, counts))
+    order = np.lexsort((items, units))
+    u, it, c = units[order], items[order], counts[order]
+    new = np.ones(len(u), bool)
+    new[1:] = (u[1:] != u[:-1]) | (it[1:] != it[:-1])
+    starts = np.flatnonzero(new)
+    u, it, c = u[starts], it[starts], np.add.reduceat(c, starts)
+    order = np.lexsort((it, -c, u))  # per unit: count descending, item ascending
+    u, it, c = u[order], it[order], c[order]
+    first = np.searchsorted(u, np.arange(d))
+    rank = np.arange(len(u)) - first[u]
+    cut = np.zeros(d, np.int64)  # the (m+1)-th largest count of each unit, 0 if none
+    over = rank == m
+    cut[u[over]] = c[over]
+    c = c - cut[u]
+    keep = (rank < m) & (c > 0)
+    out.items[u[keep], rank[keep]] = it[keep]
+    out.counts[u[keep], rank[keep]] = c[keep]
+    out.err += cut
+    return out
+
+
+def merge_sketches(parts: Sequence[Sketch]) -> Sketch:
+    """Fold summaries left to right (each step is :func:`reduce_events` of the union)."""
+    if not parts:
+        raise ConfigError("merge_sketches needs at least one summary")
+    acc = parts[0]
+    d, m = acc.items.shape
+    for p in parts[1:]:
+        ua, ia, ca = acc.triples()
+        ub, ib, cb = p.triples()
+        acc = reduce_events(d, m, np.concatenate([ua, ub]), np.concatenate([ia, ib]),
+                            np.concatenate([ca, cb]), acc.err + p.err)  # fmt: skip
+    return acc
+
+
+# ---------------------------------------------------------------------------- the counters
+
+
+@dataclass
+class CountersPartial:
+    """Mergeable counts of one layer (a leading layer axis may be stacked in front)."""
+
+    tokens: np.ndarray  # int64 []        recorded tokens
+    fires: np.ndarray  # int64 [d]        tokens the neuron fired on
+    pos_tokens: np.ndarray  # int64 [B]   tokens per position bucket
+    pos_fires: np.ndarray  # int64 [d, B]
+    src_tokens: np.ndarray  # int64 [S]   tokens per corpus source
+    src_fires: np.ndarray  # int64 [d, S]
+    src_sum: np.ndarray  # float64 [d, S] sum of activations per source
+    tok_items: np.ndarray  # int64 [d, m] trigger-token summary (Sketch)
+    tok_counts: np.ndarray
+    tok_err: np.ndarray
+    bi_items: np.ndarray  # bigram summary: item = previous * BIGRAM_BASE + current
+    bi_counts: np.ndarray
+    bi_err: np.ndarray
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {prefix + f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray], prefix: str = "") -> CountersPartial:
+        return cls(**{f.name: np.asarray(a[prefix + f.name]) for f in fields(cls)})
+
+    def sketch(self, which: str) -> Sketch:
+        return Sketch(getattr(self, f"{which}_items"), getattr(self, f"{which}_counts"),
+                      getattr(self, f"{which}_err"))  # fmt: skip
+
+
+def _layers(p: CountersPartial) -> list[CountersPartial]:
+    """A stacked partial as one partial per layer (an unstacked one as itself)."""
+    if p.fires.ndim == 1:
+        return [p]
+    return [CountersPartial(**{f.name: getattr(p, f.name)[i] for f in fields(p)})
+            for i in range(p.fires.shape[0])]  # fmt: skip
+
+
+def stack_counters(parts: Sequence[CountersPartial]) -> CountersPartial:
+    return CountersPartial(**{f.name: np.stack([getattr(p, f.name) for p in parts])
+                              for f in fields(CountersPartial)})  # fmt: skip
+
+
+def merge_counters(parts: Sequence[CountersPartial]) -> CountersPartial:
+    """Fold partials left to right (shard order); stacked partials merge layer by layer."""
+    if not parts:
+        raise ConfigError("merge_counters needs at least one partial")
+    per_layer = [_layers(p) for p in parts]
+    out = []
+    for layer in zip(*per_layer, strict=True):
+        first = layer[0]
+        acc = {f.name: getattr(first, f.name).copy() for f in fields(first)}
+        for name in ("tokens", "fires", "pos_tokens", "pos_fires", "src_tokens", "src_fires",
+                     "src_sum"):  # fmt: skip
+            for p in layer[1:]:
+                acc[name] = acc[name] + getattr(p, name)
+        for which in ("tok", "bi"):
+            s = merge_sketches([p.sketch(which) for p in layer])
+            acc[f"{which}_items"], acc[f"{which}_counts"], acc[f"{which}_err"] = s.items, s.counts, s.err
+        out.append(CountersPartial(**acc))
+    return out[0] if parts[0].fires.ndim == 1 else stack_counters(out)
+
+
+def position_buckets(seq_len: int, n: int) -> np.ndarray:
+    """Bucket of every position of a sequence: ``n`` equal ranges of ``0..seq_len-1``."""
+    n = max(1, min(n, seq_len))
+    return (np.arange(seq_len) * n // seq_len).astype(np.int64)
+
+
+class CountersAccumulator:
+    """Counts of one layer over batches: fed the recorded rows' activations, the tokens of
+    those rows, their previous tokens, position buckets and sources."""
+
+    def __init__(self, d: int, buckets: int, sources: int, m: int,
+                 threshold: float | np.ndarray = 0.0, device: torch.device | str = "cpu"):  # fmt: skip
+        self.d, self.m = d, m
+        self.B, self.S = buckets, sources
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self.fires = torch.zeros(d, dtype=torch.int64, device=device)
+        self.pos_tokens = np.zeros(buckets, np.int64)
+        self.pos_fires = torch.zeros(buckets, d, dtype=torch.float64, device=device)
+        self.src_tokens = np.zeros(sources, np.int64)
+        self.src_fires = torch.zeros(sources, d, dtype=torch.float64, device=device)
+        self.src_sum = torch.zeros(sources, d, dtype=torch.float64, device=device)
+        self.tok = Sketch.empty(d, m)
+        self.bi = Sketch.empty(d, m)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, token: np.ndarray, prev: np.ndarray, bucket: np.ndarray,
+               source: np.ndarray) -> None:  # fmt: skip
+        """``x [T, d]``: activations of the recorded rows; the other arguments ``[T]``
+        (``prev`` is -1 where a row has no previous token)."""
+        fired = x.float() > self.threshold
+        f = fired.to(torch.float64)
+        self.tokens += len(token)
+        self.fires += fired.sum(0)
+        oh_b = torch.nn.functional.one_hot(torch.from_numpy(bucket), self.B).to(f).T
+        oh_s = torch.nn.functional.one_hot(torch.from_numpy(source.astype(np.int64)), self.S).to(f).T
+        self.pos_fires += oh_b @ f
+        self.src_fires += oh_s @ f
+        self.src_sum += oh_s @ x.to(torch.float64)
+        self.pos_tokens += np.bincount(bucket, minlength=self.B)
+        self.src_tokens += np.bincount(source, minlength=self.S)
+        t, n = (a.cpu().numpy() for a in torch.nonzero(fired, as_tuple=True))
+        if len(t):
+            ones = np.ones(len(t), np.int64)
+            ut, it, ct = self.tok.triples()
+            self.tok = reduce_events(self.d, self.m, np.concatenate([ut, n]),
+                                     np.concatenate([it, token[t]]), np.concatenate([ct, ones]),
+                                     self.tok.err)  # fmt: skip
+            has = prev[t] >= 0
+            tb, nb = t[has], n[has]
+            ub, ib, cb = self.bi.triples()
+            self.bi = reduce_events(self.d, self.m, np.concatenate([ub, nb]),
+                                    np.concatenate([ib, prev[tb] * BIGRAM_BASE + token[tb]]),
+                                    np.concatenate([cb, ones[: len(tb)]]), self.bi.err)  # fmt: skip
+
+    def partial(self) -> CountersPartial:
+        return CountersPartial(
+            tokens=np.asarray(self.tokens, np.int64), fires=self.fires.cpu().numpy(),
+            pos_tokens=self.pos_tokens.copy(),
+            pos_fires=self.pos_fires.T.cpu().numpy().round().astype(np.int64),
+            src_tokens=self.src_tokens.copy(),
+            src_fires=self.src_fires.T.cpu().numpy().round().astype(np.int64),
+            src_sum=self.src_sum.T.cpu().numpy(),
+            tok_items=self.tok.items, tok_counts=self.tok.counts, tok_err=self.tok.err,
+            bi_items=self.bi.items, bi_counts=self.bi.counts, bi_err=self.bi.err,
+        )  # fmt: skip
+
+
+def pad_sources(p: CountersPartial, sources: int) -> CountersPartial:
+    """``p`` with its per-source arrays widened to ``sources`` (a corpus that grew may have
+    gained a source after a shard was counted)."""
+    extra = sources - p.src_tokens.shape[-1]
+    if extra <= 0:
+        return p
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((*a.shape[:-1], extra), a.dtype)], axis=-1)
+
+    return CountersPartial(**{f.name: getattr(p, f.name) for f in fields(p)} | {
+        "src_tokens": pad(p.src_tokens), "src_fires": pad(p.src_fires), "src_sum": pad(p.src_sum)})  # fmt: skip
+
+
+def firing_rule(threshold: float | None, quantile: float | None, activation: str) -> dict:
+    """When a neuron fires: ``{"rule": "threshold", "value": x}`` or ``{"rule": "quantile",
+    "q": q}`` (per neuron). Unset: ``> 0`` for ReLU activations, whose zero is a real
+    "off"; the 0.99 quantile for GELU/SiLU ones, which are rarely exactly zero."""
+    if threshold is not None:
+        return {"rule": "threshold", "value": float(threshold)}
+    if quantile is not None:
+        return {"rule": "quantile", "q": float(quantile)}
+    if "relu" in activation.lower():
+        return {"rule": "threshold", "value": 0.0}
+    return {"rule": "quantile", "q": 0.99}
+
+
+# ---------------------------------------------------------------------------- scores and labels
+
+
+def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy (nats) of distributions along ``axis`` (0 log 0 = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=axis)
+
+
+def scores(p: CountersPartial) -> dict[str, np.ndarray]:
+    """Per-neuron scores of one layer from its merged counts (all in [0, 1] unless noted):
+
+    - ``fire_rate``: fires / tokens;
+    - ``token_top1``/``token_top5``: share of fires on the most frequent 1 / 5 trigger
+      tokens (lower bounds when the summary is inexact); ``token_entropy``: entropy (nats)
+      of the trigger-token distribution, the fires outside the summary counted as one more
+      item; ``ngram_top1``/``ngram_top5``/``ngram_entropy``: the same over bigrams;
+    - ``pos_mi``: mutual information (nats) between position bucket and firing;
+      ``pos_var``: share of the variance of the firing indicator explained by the bucket
+      (η², between-bucket over total);
+    - ``source_selectivity``: 1 - entropy of the per-source firing probabilities
+      (normalised to sum to one) / log(sources), as language-neuron work ranks them;
+      ``source_favoured``: index of the source it fires most on (by probability);
+      ``source_rate [d, S]``: firing probability per source; ``source_mean [d, S]``: mean
+      activation per source.
+    """
+    n = max(int(p.tokens), 1)
+    fires = p.fires.astype(np.float64)
+    safe = np.maximum(fires, 1)
+    out: dict[str, np.ndarray] = {"fire_rate": fires / n}
+    for which, name in (("tok", "token"), ("bi", "ngram")):
+        c = getattr(p, f"{which}_counts").astype(np.float64)
+        out[f"{name}_top1"] = c[:, 0] / safe
+        out[f"{name}_top5"] = c[:, :5].sum(1) / safe
+        rest = np.maximum(fires - c.sum(1), 0)
+        dist = np.concatenate([c, rest[:, None]], axis=1) / safe[:, None]
+        out[f"{name}_entropy"] = _entropy(dist)
+    # position: joint of (bucket, fired)
+    nb = p.pos_tokens.astype(np.float64)
+    pb = nb / n
+    f1 = p.pos_fires.astype(np.float64)  # [d, B]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate_b = np.where(nb > 0, f1 / np.maximum(nb, 1), 0.0)  # P(fire | b)
+        q = fires / n  # P(fire)
+        h_f = _entropy(np.stack([q, 1 - q], -1))
+        h_f_given_b = (pb * _entropy(np.stack([rate_b, 1 - rate_b], -1))).sum(-1)
+        out["pos_mi"] = np.maximum(h_f - h_f_given_b, 0.0)
+        between = (nb * (rate_b - q[:, None]) ** 2).sum(-1)
+        total = n * q * (1 - q)
+        out["pos_var"] = np.where(total > 0, between / np.where(total > 0, total, 1), 0.0)
+    out["pos_rate"] = rate_b
+    ns = p.src_tokens.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate_s = np.where(ns > 0, p.src_fires / np.maximum(ns, 1), 0.0)
+        out["source_mean"] = np.where(ns > 0, p.src_sum / np.maximum(ns, 1), 0.0)
+    out["source_rate"] = rate_s
+    S = int((ns > 0).sum())
+    tot = rate_s.sum(-1, keepdims=True)
+    if S > 1:
+        dist = np.where(tot > 0, rate_s / np.where(tot > 0, tot, 1), 1.0 / S)
+        out["source_selectivity"] = np.where(tot[:, 0] > 0, 1 - _entropy(dist) / np.log(S), 0.0)
+    else:
+        out["source_selectivity"] = np.zeros(len(fires))
+    out["source_favoured"] = rate_s.argmax(-1).astype(np.int64)
+    return out
+
+
+KINDS = ("dead", "token", "ngram", "positional", "source", "massive")
+"""Neuron kinds, in the order the labels are stored."""
+
+SCORE_OF = {"dead": None, "token": "token_top1", "ngram": "ngram_top1", "positional": "pos_var",
+            "source": "source_selectivity", "massive": None}  # fmt: skip
+"""The score each kind is ranked by (dead and massive: by the statistics)."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a score makes a label (see :func:`labels`)."""
+
+    min_fires: int = 20
+    """Fewer fires than this: no label but dead (too few to judge)."""
+    token: float = 0.5
+    """token_top1 at least this: a token detector."""
+    ngram: float = 0.5
+    """ngram_top1 at least this, and above token_top1: an n-gram detector."""
+    positional: float = 0.3
+    """pos_var (η² of firing by position bucket) at least this: positional."""
+    source: float = 0.5
+    """source_selectivity at least this: source-selective."""
+
+
+def labels(sc: dict[str, np.ndarray], dead: np.ndarray, massive: np.ndarray,
+           t: Thresholds = Thresholds(), fires: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Boolean kind labels of one layer's neurons (a neuron may have several)."""
+    enough = np.ones_like(dead, bool) if fires is None else fires >= t.min_fires
+    return {
+        "dead": np.asarray(dead, bool),
+        "token": enough & (sc["token_top1"] >= t.token),
+        "ngram": enough & (sc["ngram_top1"] >= t.ngram) & (sc["ngram_top1"] > sc["token_top1"]),
+        "positional": enough & (sc["pos_var"] >= t.positional),
+        "source": enough & (sc["source_selectivity"] >= t.source),
+        "massive": np.asarray(massive, bool),
+    }
