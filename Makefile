@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 BENCH_VENV := .venv-bench
 
-.PHONY: install run test lint bench bench-env bench-sae clean
+.PHONY: install run test browser lint bench bench-env bench-sae clean
 
 install: $(STAMP)
 
@@ -28,8 +28,18 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(VENV)/bin/neuronmap run
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest -q
+
+# The viewer's browser tests drive Debian's chromium through chromium-driver (apt, as root
+# or through sudo; ~45 s the first time). Without them those tests are skipped, saying why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "note: could not install chromium + chromium-driver; the browser tests will be skipped"; }
 
 lint: install
 	$(VENV)/bin/ruff check .

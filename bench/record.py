@@ -2,6 +2,10 @@
 
     python bench/record.py [--tokens 16384] [--layers all] [--default-job]
 
+"record+tax" is recording with the neuron taxonomy's counters too (the job default:
+per-neuron 0.99-quantile thresholds, probed here on the first 4096 tokens), so the cost of
+the counters reads as the drop from one ratio to the other, in points.
+
 Both sides run in this process, interleaved over several rounds (these machines are
 noisy; the ratio of medians is what to read). "bare" is ``model(input_ids)``, the full
 forward with LM head; "trunk" is the forward cut after the last hooked layer, which
@@ -28,9 +32,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ops.corpus import bundled_documents, tokenize_documents  # noqa: E402
-from ops.engine import ActivationPass, NeuronStats, batches  # noqa: E402
+from ops.engine import (  # noqa: E402
+    ActivationPass,
+    FiringProbe,
+    NeuronCounters,
+    NeuronStats,
+    ShardTokens,
+    batches,
+)
 from ops.models import forward_until, load_model  # noqa: E402
 from ops.stats import hist_spec  # noqa: E402
+from ops.taxonomy import position_buckets  # noqa: E402
 
 
 def main() -> None:
@@ -77,23 +89,42 @@ def main() -> None:
         [c.state() for c in stats]
         return time.perf_counter() - t
 
+    probes = [FiringProbe((0, L), 0.99, 4096) for L in layers]
+    engine.run(batches(tc.tokens, mask, 0, args.batch), probes)
+    thresholds = [p.state() for p in probes]
+    rows = ShardTokens(tc.tokens, 0, tc.sources, position_buckets(args.seq_len, 8), True)
+
+    def record_tax() -> float:
+        t = time.perf_counter()
+        cons = [NeuronStats((0, L), loaded.d_mlp, 32, spec) for L in layers]
+        cons += [NeuronCounters((0, L), loaded.d_mlp, rows, len(tc.source_names), 32,
+                                thresholds[i]) for i, L in enumerate(layers)]  # fmt: skip
+        engine.run(batches(tc.tokens, mask, 0, args.batch), cons)
+        [c.state() for c in cons]
+        return time.perf_counter() - t
+
     record()  # warm-up: numba compile, allocator
+    record_tax()
     bare()
-    times: dict[str, list[float]] = {"bare": [], "trunk": [], "record": []}
+    times: dict[str, list[float]] = {"bare": [], "trunk": [], "record": [], "record+tax": []}
     for _ in range(args.rounds):
-        for name, fn in (("bare", bare), ("trunk", trunk), ("record", record)):
+        for name, fn in (("bare", bare), ("trunk", trunk), ("record", record),
+                         ("record+tax", record_tax)):  # fmt: skip
             times[name].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {args.source} {args.dtype}, batch {args.batch}x{args.seq_len}, "
           f"{args.threads} thread(s), {loaded.n_layers} layers x {loaded.d_mlp} neurons hooked")  # fmt: skip
     print(f"positions per round {positions:,} (valid, recorded: {n_valid:,})")
-    for k in ("bare", "trunk", "record"):
+    for k in ("bare", "trunk", "record", "record+tax"):
         print(
             f"  {k:<7} {positions / med[k]:8.0f} positions/s  (median of {args.rounds}: {med[k]:.2f} s)"
         )
     print(f"RATIO record / bare forward  = {med['bare'] / med['record']:.3f}   (goal >= 0.90)")
     print(f"RATIO record / trunk forward = {med['trunk'] / med['record']:.3f}   (same forward cut, "
           "so this is the pure cost of hooks + statistics)")  # fmt: skip
+    with_tax = med["bare"] / med["record+tax"]
+    print(f"RATIO record+taxonomy / bare = {with_tax:.3f}   (counters cost "
+          f"{100 * (med['bare'] / med['record'] - with_tax):.1f} points; goal <= 3)")  # fmt: skip
 
     if args.default_job:
         out = tmp / "default.zarr"

@@ -76,6 +76,7 @@ if _address is None or _loopback_only(_address):
 
 import numpy as np  # noqa: E402
 
+import flows  # noqa: E402
 from flows.config import (  # noqa: E402
     JobConfigError,
     SteeringConfig,
@@ -185,7 +186,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out = plan.to_dict() | {"models": names, "tokens": tokens, "tflops": args.tflops,
                             "projected_s": plan.seconds(tokens, rate)}  # fmt: skip
     if args.json:
-        print(json.dumps(out, indent=1))
+        print(dumps(out))
         return 0
     print(plan.describe(names))
     print(f"products over {tokens:,} tokens at {args.tflops:g} TFLOP/s per worker: "
@@ -230,7 +231,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     info = Atlas.open(args.atlas).info()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(dumps(info))
         return 0
     print(f"atlas {info['path']}  (schema {info['schema_version']}, updated {info['updated']})")
     if not info["complete"]:
@@ -277,7 +278,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     Atlas.open(args.atlas)  # a clear error for a path that holds no atlas
     rep = verify(args.atlas)
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(dumps(rep))
         return 0 if rep["ok"] else 1
     for kind in ("missing", "corrupt", "unexpected"):
         for item in rep[kind]:
@@ -294,7 +295,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_neuron(args: argparse.Namespace) -> int:
     rec = Atlas.open(args.atlas).neuron(args.model, args.layer, args.index, k=args.k)
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2))
+        print(dumps(rec.to_dict()))
         return 0
     s: dict[str, Any] = rec.stats
     flags = [f for f in ("dead", "massive") if s.get(f)]
@@ -399,7 +400,7 @@ def cmd_universal(args: argparse.Namespace) -> int:
     meta = next((h.attrs["universality"] for h in holders if "universality" in h.attrs), {})
     rows = atlas.universal_neurons(model=args.model, top=args.top)
     if args.json:
-        print(json.dumps({"overview": overview, "summary": meta, "neurons": rows}, indent=2))
+        print(dumps({"overview": overview, "summary": meta, "neurons": rows}))
         return 0
     if meta:
         print(f"universal neurons: {100 * meta['universal_frac']:.2f}% of all neurons "
@@ -443,9 +444,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         rows = [owner.feature(args.model, args.layer, args.method, i, args.run, k=args.k)
                 for i in order]  # fmt: skip
         if args.json:
-            print(json.dumps({"run": g.basename, "metrics": meta.get("metrics"),
-                              "dead_fraction": float((freq == 0).mean()),
-                              "features": [r.to_dict() for r in rows]}, indent=2))  # fmt: skip
+            print(dumps({"run": g.basename, "metrics": meta.get("metrics"),
+                         "dead_fraction": float((freq == 0).mean()),
+                         "features": [r.to_dict() for r in rows]}))  # fmt: skip
             return 0
         print(f"{args.model} L{args.layer} {args.method}/{g.basename}: {len(freq)} features, "
               f"metrics {json.dumps(meta.get('metrics'))}")  # fmt: skip
@@ -454,7 +455,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         return 0
     rec = owner.feature(args.model, args.layer, args.method, args.feature, args.run, k=args.k)
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2))
+        print(dumps(rec.to_dict()))
         return 0
     _print_feature(rec)
     return 0
@@ -477,7 +478,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
                         device=args.device)  # fmt: skip
     rec = Atlas.open(args.atlas).steering(args.model, args.layer)[key]
     if args.json:
-        print(json.dumps(rec.to_dict(), indent=2))
+        print(dumps(rec.to_dict()))
         return 0
     _print_steering(rec)
     return 0
@@ -542,7 +543,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
 
     rows = list_deployments()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps(rows))
         return 0
     if not rows:
         print("no deployments of map_neurons (create one with `neuronmap deploy JOB --name NAME`)")
@@ -582,8 +583,30 @@ def _print_feature(rec: Any) -> None:
         )
 
 
+EXAMPLES = """examples:
+  neuronmap run                                   # the default job: SmolLM2 on the bundled corpus
+  neuronmap run job.yaml --atlas out.zarr --workers 4
+  neuronmap run job.yaml --resume                 # continue a killed run
+  neuronmap info atlas.zarr
+  neuronmap neuron atlas.zarr smollm2 5 10 --k 5
+  neuronmap neurons atlas.zarr smollm2 --kind token --top 10
+  neuronmap layers atlas.zarr smollm2 --plot kinds.png
+  neuronmap universal atlas.zarr --top 20 --json
+  neuronmap view atlas.zarr                       # web viewer on http://127.0.0.1:8000
+  neuronmap deploy job.yaml --name nightly --cron "0 3 * * *"
+
+'neuronmap COMMAND --help' explains each command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuronmap", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="neuronmap", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Map every MLP neuron of language models over a token corpus into a "
+        "queryable atlas (Zarr), and query it.\nBad input is one line on stderr and exit "
+        "status 2; every query command takes --json (strict JSON).",
+        epilog=EXAMPLES,
+    )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"neuronmap {flows.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a mapping job (default: SmolLM2 on the bundled corpus)")
     r.add_argument("job", nargs="?", help="job YAML file (default: the bundled default job)")
@@ -623,25 +646,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokens", type=int, help="tokens (default: the job's corpus.max_tokens)")
     pl.add_argument("--tflops", type=float, default=600.0,
                     help="GEMM rate per worker (default 600: bf16 on an H100/H200)")  # fmt: skip
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     pl.set_defaults(fn=cmd_plan)
     i = sub.add_parser("info", help="summarise an atlas")
-    i.add_argument("atlas")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
+    i.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     i.set_defaults(fn=cmd_info)
     ve = sub.add_parser("verify", help="check every chunk of an atlas (missing, corrupt, "
                         "unexpected); exit 1 when any is found")  # fmt: skip
-    ve.add_argument("atlas")
-    ve.add_argument("--json", action="store_true")
+    ve.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
+    ve.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     ve.set_defaults(fn=cmd_verify)
     n = sub.add_parser("neuron", help="one neuron's statistics and top examples")
-    n.add_argument("atlas")
-    n.add_argument("model", type=model_name)
-    n.add_argument("layer", type=int)
-    n.add_argument("index", type=int)
+    n.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
+    n.add_argument("model", type=model_name, help="model name in the atlas (see `neuronmap info`)")
+    n.add_argument("layer", type=int, help="layer number (0 = first block)")
+    n.add_argument("index", type=int, help="neuron index within the layer")
     n.add_argument("--k", type=positive_int, default=None,
                    help="number of examples (default all)")  # fmt: skip
-    n.add_argument("--json", action="store_true")
+    n.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     n.set_defaults(fn=cmd_neuron)
     ns = sub.add_parser("neurons", help="neurons of a kind (dead, token, ngram, positional, "
                         "source, massive), strongest first")  # fmt: skip
@@ -659,31 +682,32 @@ def build_parser() -> argparse.ArgumentParser:
     ly.add_argument("atlas", help="atlas path or URL")
     ly.add_argument("model", type=model_name, help="model name in the atlas")
     ly.add_argument("--plot", metavar="PNG", default=None, help="also draw it into this file")
-    ly.add_argument("--json", action="store_true")
+    ly.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     ly.set_defaults(fn=cmd_layers)
     u = sub.add_parser("universal", help="universal neurons (cross-seed correlations)")
-    u.add_argument("atlas")
+    u.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
     u.add_argument("--model", type=model_name, help="only this model")
     u.add_argument("--top", type=positive_int, default=20, help="how many neurons to list")
-    u.add_argument("--json", action="store_true")
+    u.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     u.set_defaults(fn=cmd_universal)
     f = sub.add_parser("features", help="SAE / SNMF features of a layer")
-    f.add_argument("atlas")
-    f.add_argument("model", type=model_name)
-    f.add_argument("layer", type=int)
-    f.add_argument("--method", choices=["sae", "snmf"], required=True)
+    f.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
+    f.add_argument("model", type=model_name, help="model name in the atlas (see `neuronmap info`)")
+    f.add_argument("layer", type=int, help="layer number (0 = first block)")
+    f.add_argument("--method", choices=["sae", "snmf"], required=True,
+                   help="dictionary method: sparse autoencoder or semi-NMF")
     f.add_argument("--run", help="run name (default: the only run)")
     f.add_argument("--feature", type=int, help="one feature (default: the strongest --top)")
     f.add_argument("--top", type=positive_int, default=5,
                    help="features listed without --feature")  # fmt: skip
     f.add_argument("--k", type=positive_int, default=5, help="examples per feature")
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     f.set_defaults(fn=cmd_features)
     st = sub.add_parser("steer", help="steer along a feature (or a contrast) at a target KL; "
                         "the result is stored in the atlas")  # fmt: skip
-    st.add_argument("atlas")
-    st.add_argument("model", type=model_name)
-    st.add_argument("layer", type=int)
+    st.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
+    st.add_argument("model", type=model_name, help="model name in the atlas (see `neuronmap info`)")
+    st.add_argument("layer", type=int, help="layer number (0 = first block)")
     st.add_argument("--method", choices=["sae", "snmf"], help="dictionary of --feature")
     st.add_argument("--run", help="run name (default: the only run)")
     st.add_argument("--feature", type=int, help="feature index")
@@ -696,13 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
         info = SteeringConfig.model_fields[field]
         st.add_argument(opt, type=kind, default=info.default, help=info.description)
     st.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     st.set_defaults(fn=cmd_steer)
     v = sub.add_parser("view", help="browse an atlas in the web viewer")
-    v.add_argument("atlas")
+    v.add_argument("atlas", help="atlas path or URL (s3://, gs://, file://)")
     v.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; any other needs --allow-remote)")  # fmt: skip
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     v.add_argument("--token", help="require this token on every API request (default: "
                    "$NEURONMAP_VIEW_TOKEN); open the page as /?token=<token>")  # fmt: skip
     v.add_argument("--allow-remote", action="store_true",
@@ -726,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment of the runs, e.g. RAY_ADDRESS=ray://head:10001 (repeatable)")  # fmt: skip
     dp.set_defaults(fn=cmd_deploy)
     ds = sub.add_parser("deployments", help="scheduled jobs: schedule, next run, last state")
-    ds.add_argument("--json", action="store_true")
+    ds.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     ds.set_defaults(fn=cmd_deployments)
     return p
 

@@ -54,6 +54,14 @@ def _summary_markdown(job: JobConfig, rows: list[dict], uni: dict | None, ledger
         dead = ", ".join(f"L{k}: {v:.3f}" for k, v in (r.get("dead_frac") or {}).items())
         tps = f"{r['tok_s']:,.0f}" if r.get("tok_s") else "-"
         lines.append(f"| {r['model']} | {r.get('tokens', 0):,} | {tps} | {dead or 'unchanged'} |")
+    kinds = [(r["model"], r["kinds"]) for r in rows if r.get("kinds")]
+    if kinds:
+        names = ("dead", "token", "ngram", "positional", "source", "massive")
+        lines += ["", "## Neuron kinds (fraction of each layer)", "",
+                  "| model | layer | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]  # fmt: skip
+        for model, per in kinds:
+            for layer, f in per.items():
+                lines.append(f"| {model} | {layer} | " + " | ".join(f"{f[k]:.3f}" for k in names) + " |")
     if uni:
         lines += ["", "## Universality", "",
                   f"universal neurons: **{100 * uni['universal_frac']:.2f}%** "
@@ -82,7 +90,8 @@ def _map_models(job: JobConfig, ledger: Ledger, resume: bool, overwrite: bool
         model_properties(job, model, prep)
         acct = rec.get("accounting") or {}
         rows.append({"model": model.name, "tokens": rec.get("tokens", 0),
-                     "tok_s": acct.get("tokens_per_s"), "dead_frac": rec.get("dead_frac")})  # fmt: skip
+                     "tok_s": acct.get("tokens_per_s"), "dead_frac": rec.get("dead_frac"),
+                     "kinds": rec.get("kinds")})  # fmt: skip
     return corpus, rows
 
 

@@ -125,6 +125,8 @@ class CountersPartial:
     fires: np.ndarray  # int64 [d]        tokens the neuron fired on
     pos_tokens: np.ndarray  # int64 [B]   tokens per position bucket
     pos_fires: np.ndarray  # int64 [d, B]
+    pos_sum: np.ndarray  # float64 [d, B] sum of activations per position bucket
+    pos_sq: np.ndarray  # float64 [d, B] sum of squared activations per position bucket
     src_tokens: np.ndarray  # int64 [S]   tokens per corpus source
     src_fires: np.ndarray  # int64 [d, S]
     src_sum: np.ndarray  # float64 [d, S] sum of activations per source
@@ -169,8 +171,8 @@ def merge_counters(parts: Sequence[CountersPartial]) -> CountersPartial:
     for layer in zip(*per_layer, strict=True):
         first = layer[0]
         acc = {f.name: getattr(first, f.name).copy() for f in fields(first)}
-        for name in ("tokens", "fires", "pos_tokens", "pos_fires", "src_tokens", "src_fires",
-                     "src_sum"):  # fmt: skip
+        for name in ("tokens", "fires", "pos_tokens", "pos_fires", "pos_sum", "pos_sq",
+                     "src_tokens", "src_fires", "src_sum"):  # fmt: skip
             for p in layer[1:]:
                 acc[name] = acc[name] + getattr(p, name)
         for which in ("tok", "bi"):
@@ -188,22 +190,32 @@ def position_buckets(seq_len: int, n: int) -> np.ndarray:
 
 class CountersAccumulator:
     """Counts of one layer over batches: fed the recorded rows' activations, the tokens of
-    those rows, their previous tokens, position buckets and sources."""
+    those rows, their previous tokens, position buckets and sources.
+
+    Fire events are buffered and folded into the summaries once ``flush_events`` (default
+    ``4 d m``) are pending: reducing a summary of ``d m`` entries every batch would cost more
+    than the batch's forward on a CPU."""
 
     def __init__(self, d: int, buckets: int, sources: int, m: int,
-                 threshold: float | np.ndarray = 0.0, device: torch.device | str = "cpu"):  # fmt: skip
+                 threshold: float | np.ndarray = 0.0, device: torch.device | str = "cpu",
+                 flush_events: int | None = None):  # fmt: skip
         self.d, self.m = d, m
         self.B, self.S = buckets, sources
-        self.threshold = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+        self.threshold = torch.tensor(np.array(threshold, np.float32), device=device)
         self.tokens = 0
         self.fires = torch.zeros(d, dtype=torch.int64, device=device)
         self.pos_tokens = np.zeros(buckets, np.int64)
         self.pos_fires = torch.zeros(buckets, d, dtype=torch.float64, device=device)
+        self.pos_sum = torch.zeros(buckets, d, dtype=torch.float64, device=device)
+        self.pos_sq = torch.zeros(buckets, d, dtype=torch.float64, device=device)
         self.src_tokens = np.zeros(sources, np.int64)
         self.src_fires = torch.zeros(sources, d, dtype=torch.float64, device=device)
         self.src_sum = torch.zeros(sources, d, dtype=torch.float64, device=device)
         self.tok = Sketch.empty(d, m)
         self.bi = Sketch.empty(d, m)
+        self._pending: list[tuple[np.ndarray, ...]] = []
+        self._n_pending = 0
+        self.flush_events = flush_events or 4 * d * m
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, token: np.ndarray, prev: np.ndarray, bucket: np.ndarray,
@@ -216,30 +228,43 @@ class CountersAccumulator:
         self.fires += fired.sum(0)
         oh_b = torch.nn.functional.one_hot(torch.from_numpy(bucket), self.B).to(f).T
         oh_s = torch.nn.functional.one_hot(torch.from_numpy(source.astype(np.int64)), self.S).to(f).T
+        x64 = x.to(torch.float64)
         self.pos_fires += oh_b @ f
+        self.pos_sum += oh_b @ x64
+        self.pos_sq += oh_b @ (x64 * x64)
         self.src_fires += oh_s @ f
-        self.src_sum += oh_s @ x.to(torch.float64)
+        self.src_sum += oh_s @ x64
         self.pos_tokens += np.bincount(bucket, minlength=self.B)
         self.src_tokens += np.bincount(source, minlength=self.S)
         t, n = (a.cpu().numpy() for a in torch.nonzero(fired, as_tuple=True))
         if len(t):
-            ones = np.ones(len(t), np.int64)
-            ut, it, ct = self.tok.triples()
-            self.tok = reduce_events(self.d, self.m, np.concatenate([ut, n]),
-                                     np.concatenate([it, token[t]]), np.concatenate([ct, ones]),
-                                     self.tok.err)  # fmt: skip
             has = prev[t] >= 0
-            tb, nb = t[has], n[has]
-            ub, ib, cb = self.bi.triples()
-            self.bi = reduce_events(self.d, self.m, np.concatenate([ub, nb]),
-                                    np.concatenate([ib, prev[tb] * BIGRAM_BASE + token[tb]]),
-                                    np.concatenate([cb, ones[: len(tb)]]), self.bi.err)  # fmt: skip
+            self._pending.append((n, token[t], n[has], prev[t[has]] * BIGRAM_BASE + token[t[has]]))
+            self._n_pending += len(t)
+            if self._n_pending >= self.flush_events:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Fold the buffered fire events into the summaries (one reduction for many batches:
+        the summaries stay valid, and the result depends only on the batches fed)."""
+        if not self._pending:
+            return
+        for which, (ui, ii) in (("tok", (0, 1)), ("bi", (2, 3))):
+            sk: Sketch = getattr(self, which)
+            u, it, c = sk.triples()
+            units = np.concatenate([u, *(p[ui] for p in self._pending)])
+            items = np.concatenate([it, *(p[ii] for p in self._pending)])
+            counts = np.concatenate([c, np.ones(len(units) - len(u), np.int64)])
+            setattr(self, which, reduce_events(self.d, self.m, units, items, counts, sk.err))
+        self._pending, self._n_pending = [], 0
 
     def partial(self) -> CountersPartial:
+        self._flush()
         return CountersPartial(
             tokens=np.asarray(self.tokens, np.int64), fires=self.fires.cpu().numpy(),
             pos_tokens=self.pos_tokens.copy(),
             pos_fires=self.pos_fires.T.cpu().numpy().round().astype(np.int64),
+            pos_sum=self.pos_sum.T.cpu().numpy(), pos_sq=self.pos_sq.T.cpu().numpy(),
             src_tokens=self.src_tokens.copy(),
             src_fires=self.src_fires.T.cpu().numpy().round().astype(np.int64),
             src_sum=self.src_sum.T.cpu().numpy(),
@@ -293,8 +318,9 @@ def scores(p: CountersPartial) -> dict[str, np.ndarray]:
       of the trigger-token distribution, the fires outside the summary counted as one more
       item; ``ngram_top1``/``ngram_top5``/``ngram_entropy``: the same over bigrams;
     - ``pos_mi``: mutual information (nats) between position bucket and firing;
-      ``pos_var``: share of the variance of the firing indicator explained by the bucket
-      (η², between-bucket over total);
+      ``pos_var``: share of the variance of the activation explained by the position
+      bucket (η², between-bucket over total sum of squares); ``pos_rate [d, B]``: firing
+      rate per bucket; ``pos_mean [d, B]``: mean activation per bucket;
     - ``source_selectivity``: 1 - entropy of the per-source firing probabilities
       (normalised to sum to one) / log(sources), as language-neuron work ranks them;
       ``source_favoured``: index of the source it fires most on (by probability);
@@ -322,10 +348,14 @@ def scores(p: CountersPartial) -> dict[str, np.ndarray]:
         h_f = _entropy(np.stack([q, 1 - q], -1))
         h_f_given_b = (pb * _entropy(np.stack([rate_b, 1 - rate_b], -1))).sum(-1)
         out["pos_mi"] = np.maximum(h_f - h_f_given_b, 0.0)
-        between = (nb * (rate_b - q[:, None]) ** 2).sum(-1)
-        total = n * q * (1 - q)
-        out["pos_var"] = np.where(total > 0, between / np.where(total > 0, total, 1), 0.0)
+        mean_b = np.where(nb > 0, p.pos_sum / np.maximum(nb, 1), 0.0)
+        mean = p.pos_sum.sum(-1) / n
+        between = (nb * (mean_b - mean[:, None]) ** 2).sum(-1)
+        total = p.pos_sq.sum(-1) - n * mean**2
+        ok = total > 1e-12 * np.maximum(p.pos_sq.sum(-1), 1e-300)
+        out["pos_var"] = np.where(ok, np.minimum(between / np.where(ok, total, 1), 1.0), 0.0)
     out["pos_rate"] = rate_b
+    out["pos_mean"] = mean_b
     ns = p.src_tokens.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         rate_s = np.where(ns > 0, p.src_fires / np.maximum(ns, 1), 0.0)
@@ -361,7 +391,7 @@ class Thresholds:
     ngram: float = 0.5
     """ngram_top1 at least this, and above token_top1: an n-gram detector."""
     positional: float = 0.3
-    """pos_var (η² of firing by position bucket) at least this: positional."""
+    """pos_var (η² of the activation by position bucket) at least this: positional."""
     source: float = 0.5
     """source_selectivity at least this: source-selective."""
 

@@ -442,6 +442,78 @@ class Atlas:
         return rec
 
     @routed
+    def neuron_kinds(self, model: str, layer: int, index: int) -> dict[str, Any] | None:
+        """One neuron's taxonomy record (as :meth:`neurons` gives it, ``kind`` its first
+        kind), or None when the job counted nothing."""
+        t = self.taxonomy(model, layer)
+        if "kind_dead" not in t:
+            return None
+        kinds = [k for k in self.KINDS if t[f"kind_{k}"][index]]
+        kind = kinds[0] if kinds else None
+        score = float(t[self._SCORE[kind]][index]) if kind in self._SCORE else None
+        names = self.taxonomy_attrs(model, layer).get("sources", [])
+        rec = self._taxonomy_record(model, layer, index, kind or "", score or 0.0, names)
+        rec["kind"], rec["score"] = kind, score
+        rec["pos_mean"] = [float(x) for x in t["pos_mean"][index]] if "pos_mean" in t else None
+        return rec
+
+    def search_token(self, text: str, model: str | None = None, top: int = 20
+                     ) -> list[dict[str, Any]]:  # fmt: skip
+        """Neurons that fire on the token ``text`` (its exact text, e.g. ``" Paris"``), by
+        the share of their fires it takes: ``{"model", "layer", "index", "share", "count",
+        "fires", "token"}``."""
+        blob, off = self._vocab_arrays()
+        want = text.encode()
+        ids = [i for i in range(len(off) - 1) if blob[off[i] : off[i + 1]].tobytes() == want]
+        if not ids:
+            raise AtlasError(f"no token of the vocabulary reads {text!r} (mind the leading "
+                             "space of word tokens, e.g. ' Paris')")  # fmt: skip
+        rows = []
+        for m in [model] if model else self.all_models:
+            at = self.owner(m)
+            if not at.model_attrs(m).get("complete"):
+                continue
+            for L in at.layers(m):
+                t = at.taxonomy(m, L)
+                if "tok_items" not in t:
+                    continue
+                hit = np.isin(t["tok_items"], ids)
+                for i, j in zip(*np.nonzero(hit), strict=True):
+                    c, f = int(t["tok_counts"][i, j]), int(t["fires"][i])
+                    rows.append({"model": m, "layer": L, "index": int(i), "count": c, "fires": f,
+                                 "share": c / max(f, 1), "token": text})  # fmt: skip
+        rows.sort(key=lambda r: (-r["share"], -r["count"], r["model"], r["layer"], r["index"]))
+        return rows[:top]
+
+    def neuron_links(self, model: str, layer: int, index: int, features: int = 5
+                     ) -> dict[str, Any]:  # fmt: skip
+        """What links to a neuron: its best partner in every other model compared with it
+        (r and the rotation baseline) and the dictionary features of its layer that load on
+        it most (by |weight| of the feature's direction on the neuron)."""
+        partners = []
+        for a, b in self.universality_pairs():
+            if a != model:
+                continue
+            g = self._pair_group(a, b)
+            rows = list(g.attrs.get("layers", []))
+            if layer not in rows:
+                continue
+            r = rows.index(layer)
+            partners.append({"model": b, "layer": int(g["partner_layer"][r, index]),
+                             "index": int(g["partner_index"][r, index]),
+                             "corr": float(g["max_corr"][r, index]),
+                             "baseline": float(g["baseline_max_corr"][r, index])})  # fmt: skip
+        feats = []
+        at = self.owner(model)
+        for method, runs in at.dictionaries(model, layer).items():
+            for run in runs:
+                w = self.feature_directions(at.dictionary(model, layer, method, run), method)[:, index]
+                for f in np.argsort(-np.abs(w), kind="stable")[:features]:
+                    feats.append({"method": method, "run": run, "index": int(f),
+                                  "weight": float(w[f])})  # fmt: skip
+        return {"partners": partners, "features": feats}
+
+    @routed
     def layer_kinds(self, model: str) -> list[dict[str, Any]]:
         """Per layer, the fraction of neurons of each kind (a neuron may have several)."""
         out = []

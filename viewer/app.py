@@ -292,11 +292,32 @@ def create_app(atlas_path: str, token: str | None = None,
     def neuron(model: str, layer: int, index: int, k: int = Query(10, ge=1, le=1000)) -> Any:
         """One neuron: the record alone (one row per array), its histogram taken from it."""
         neuron_index(model, layer, index)
-        rec = plain(owners[model].neuron(model, layer, index, k=k))
+        at = owners[model]
+        rec = plain(at.neuron(model, layer, index, k=k))
         st = rec["stats"]
         if "hist" in st:
             rec["hist"] = {"counts": st["hist"], "edges": st.get("hist_edges")}
+        rec["taxonomy"] = plain(at.neuron_kinds(model, layer, index))
+        rec["links"] = plain(atlas.neuron_links(model, layer, index))
         return JSONResponse(rec)
+
+    @app.get("/api/models/{model}/kinds")
+    def kinds(model: str) -> Any:
+        """Per layer, the fraction of each neuron kind (404 without a taxonomy)."""
+        return answer(owner_of(model).layer_kinds(model))
+
+    @app.get("/api/models/{model}/taxonomy")
+    def taxonomy(model: str, kind: str | None = None, layer: int | None = None,
+                 source: str | None = None, top: int = Query(20, ge=1, le=1000)) -> Any:  # fmt: skip
+        return answer(owner_of(model).neurons(model, layer=layer, kind=kind, source=source, top=top))
+
+    @app.get("/api/search")
+    def search(token: str = Query(..., min_length=1, max_length=200), model: str | None = None,
+               top: int = Query(50, ge=1, le=1000)) -> Any:  # fmt: skip
+        """Neurons that fire on a token, by the share of their fires it takes."""
+        if model is not None:
+            owner_of(model)
+        return answer(atlas.search_token(token, model=model, top=top))
 
     @app.get("/api/universal")
     def universal(model: str | None = None, top: int = Query(20, ge=1, le=1000)) -> Any:

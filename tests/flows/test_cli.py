@@ -277,3 +277,36 @@ def test_corpus_text_cannot_drive_the_terminal(tmp_path: Path, monkeypatch: pyte
         found_raw = any("\x1b[2J" in e["text"] for e in raw["examples"])
         assert found_raw == ("\\x1b[2J" in out)
     assert found  # some top example shows the hostile token, escaped
+
+
+def test_help_explains_every_argument_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every positional and option of every command has a help line; no reST markup leaks
+    into --help; --version prints the package version."""
+    import argparse
+
+    import flows
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, cmd in sub.choices.items():
+        for action in cmd._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"`neuronmap {name}`: {action.dest} has no help"
+        text = cmd.format_help()
+        assert "``" not in text and ":func:" not in text, name
+    top = parser.format_help()
+    assert "examples:" in top and "``" not in top
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"neuronmap {flows.__version__}"
+
+
+def test_json_output_is_strict() -> None:
+    """NaN and infinities (a dead neuron's correlation, an empty layer's mean) become null."""
+    from flows.cli import dumps
+
+    text = dumps({"r": float("nan"), "x": [1.0, float("inf")], "n": {"m": -float("inf")}})
+    assert json.loads(text) == {"r": None, "x": [1.0, None], "n": {"m": None}}
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))

@@ -167,6 +167,8 @@ def _check_taxonomy(atlas: Atlas, layer: int, x: np.ndarray, positions: np.ndarr
         sel = bucket == b
         if sel.any():
             np.testing.assert_allclose(t["pos_rate"][:, b], fired[sel].mean(0), rtol=1e-12)
+            np.testing.assert_allclose(t["pos_mean"][:, b], x[sel].astype(np.float64).mean(0),
+                                       rtol=1e-6, atol=1e-9)  # fmt: skip
     src = atlas.corpus["sources"][...][positions // seq_len]
     for k in range(len(attrs["sources"])):
         sel = src == k

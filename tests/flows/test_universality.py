@@ -254,7 +254,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_one_worker_agrees_with_two(
     atlas_path = tmp_path / "killed.zarr"
     job = {
         "atlas": str(atlas_path),
-        "corpus": {"seq_len": 24, "max_tokens": 2000, "shard_sequences": 4},
+        "corpus": {"seq_len": 24, "max_tokens": 2000, "shard_sequences": 6},
         "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"},
                    {"name": "perm", "source": str(root / "perm"), "dtype": "float32"}],
         "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "properties": False},

@@ -104,7 +104,7 @@ def test_counters_equal_a_float64_computation_and_shards_merge_exactly() -> None
     # two "shards" of three batches each, merged in order
     parts = []
     for lo, hi in ((0, 450), (450, 900)):
-        acc = CountersAccumulator(d, B, S, m, threshold=thr)
+        acc = CountersAccumulator(d, B, S, m, threshold=thr, flush_events=40)  # several folds
         for a in range(lo, hi, 150):
             sl = slice(a, a + 150)
             acc.update(torch.from_numpy(x[sl]), tokens[sl], prev[sl], bucket[sl], source[sl])
@@ -115,6 +115,10 @@ def test_counters_equal_a_float64_computation_and_shards_merge_exactly() -> None
     np.testing.assert_array_equal(p.fires, ref["fires"])
     np.testing.assert_array_equal(p.pos_fires, ref["pos_fires"])
     np.testing.assert_array_equal(p.pos_tokens, np.bincount(bucket, minlength=B))
+    x64 = x.astype(np.float64)
+    for b in range(B):
+        np.testing.assert_allclose(p.pos_sum[:, b], x64[bucket == b].sum(0), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(p.pos_sq[:, b], (x64[bucket == b] ** 2).sum(0), rtol=1e-12)
     np.testing.assert_array_equal(p.src_fires, ref["src_fires"])
     np.testing.assert_allclose(p.src_sum, ref["src_sum"], rtol=1e-12, atol=1e-9)
     for j in range(d):  # m is above the distinct items: exact
@@ -147,10 +151,12 @@ def test_scores_follow_their_definitions() -> None:
         pb, pf = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
         mi = np.nansum(joint * np.log(joint / (pb * pf)))
         assert sc["pos_mi"][j] == pytest.approx(mi, abs=1e-12)
-        # eta^2 of the indicator by bucket
-        means = np.array([f[bucket == b].mean() for b in range(B)])
-        eta2 = sum((bucket == b).sum() * (means[b] - f.mean()) ** 2 for b in range(B)) / (T * f.var())
+        # eta^2 of the activation by bucket
+        a = x[:, j].astype(np.float64)
+        means = np.array([a[bucket == b].mean() for b in range(B)])
+        eta2 = sum((bucket == b).sum() * (means[b] - a.mean()) ** 2 for b in range(B)) / (T * a.var())
         assert sc["pos_var"][j] == pytest.approx(eta2)
+        np.testing.assert_allclose(sc["pos_mean"][j], means, rtol=1e-12)
         rate = np.array([f[source == s].mean() for s in range(S)])
         q = rate / rate.sum()
         assert sc["source_selectivity"][j] == pytest.approx(1 + (q * np.log(q)).sum() / np.log(S))

@@ -4,9 +4,6 @@ checked."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -185,14 +182,21 @@ PROBES = [(f"/api/models/{enc(m)}/{t}", 404) for m in HOSTILE for t in TAILS] + 
     (f"/api/models/{MODEL}/layers/0/neurons/0?k={k}", 422) for k in (0, -1, 10**9)] + [
     ("/api/models/half/layers/0/neurons/0", 404),  # initialised, not complete
     (f"/api/universal?model={MODEL}", 404),  # no universality results in this atlas
-]  # fmt: skip
+    (f"/api/models/{MODEL}/kinds", 404),  # no taxonomy in this atlas
+    (f"/api/models/{MODEL}/taxonomy?kind=token", 404),
+    (f"/api/models/{MODEL}/taxonomy?kind={enc('..')}", 404),
+    ("/api/search?token=zebra", 404),  # no such token in the vocabulary
+    ("/api/search?token=", 422), (f"/api/search?token={'x' * 500}", 422),
+    (f"/api/search?token=%20cat&model={enc('..')}", 404),
+] + [(f"/api/models/{enc(m)}/{t}", 404) for m in HOSTILE[:6] for t in ("kinds", "taxonomy")]  # fmt: skip
 
 
 def test_probes_cover_every_endpoint() -> None:
     from viewer.app import create_app as _  # noqa: F401  (the routes the probes must reach)
 
     hit = {u.split("?")[0].rsplit("/", 1)[-1] for u, _s in PROBES}
-    assert {"neurons", "0", "steering", "dictionaries", "snmf", "sae", "universal"} <= hit
+    assert {"neurons", "0", "steering", "dictionaries", "snmf", "sae", "universal", "kinds",
+            "taxonomy", "search"} <= hit
 
 
 @pytest.mark.parametrize("url, status", PROBES, ids=[f"{i}" for i in range(len(PROBES))])
@@ -331,50 +335,3 @@ def test_cli_view_token_from_env_or_flag(atlas_path: str, served, capsys, monkey
     assert c.get("/api/info").status_code == 200
     assert main(["view", atlas_path, "--token", ""]) == 2
     assert "printable ASCII" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def server(atlas_path: str):
-    """The viewer served by uvicorn on a free port, in a thread."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(atlas_path, token=TOKEN), host="127.0.0.1",
-                                       port=port, log_level="warning"))  # fmt: skip
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/?token={quote(TOKEN, safe='')}"  # as the page is opened
-    srv.should_exit = True
-    t.join(5)
-
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page script")
-def test_page_script_clicks_through_a_live_viewer(server: str) -> None:
-    """The page's own JavaScript, run in node with a minimal DOM against the live server
-    (which needs a token; the page reads it from its URL): neuron list -> neuron (examples
-    marked) -> features -> feature with steering -> error."""
-    here = Path(__file__).parent
-    page = Path(__file__).resolve().parents[2] / "viewer" / "index.html"
-    out = subprocess.run(["node", str(here / "page_driver.js"), str(page), server],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
-    assert f"<option>{MODEL}</option>" in r["models"]
-    assert "<th>max</th>" in r["neuronList"] and r["firstRow"]["i"].isdigit()
-    assert f"{MODEL} L0 N{r['firstRow']['i']}" in r["neuron"]
-    assert "<mark>" in r["neuron"] and "activation histogram" in r["neuron"]
-    assert "F1" in r["featureList"] and "rel_error 0.250" in r["featureList"]
-    assert "SNMF loss: 4.000 → 2.500" in r["featureList"] and "<polyline" in r["featureList"]
-    assert "snmf/sn feature 1" in r["feature"] and "KL 0.490" in r["feature"]
-    assert "150.00pp" in r["feature"]  # the stored +1.5 probability change, as rendered
-    assert "nope" in r["badModel"]
