@@ -132,8 +132,9 @@ class TaxonomyConfig(_Strict):
         "token share).",
     )  # fmt: skip
     positional: float = Field(
-        0.3, ge=0, le=1, description="Share of firing variance explained by position (eta^2)."
-    )
+        0.3, ge=0, le=1, description="Mutual information of position bucket and firing over "
+        "the entropy of firing.",
+    )  # fmt: skip
     source: float = Field(
         0.5, ge=0, le=1, description="Source selectivity: 1 - entropy of per-source firing "
         "rates / log(sources).",

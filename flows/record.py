@@ -219,7 +219,7 @@ def _properties(source: str, revision: str | None, layers: list[int], top: int) 
     lm = load_model(source, dtype="float32", device="cpu", revision=revision, with_tokenizer=False)
     w_u = unembedding(lm.model)
     out = {}
-    for layer in layers:
+    for layer in tqdm(layers, desc=f"weight properties {source}", unit="layer", disable=None):
         props = neuron_properties(lm.model, layer, top=top, w_u=w_u)
         out[layer] = props | {k: v for k, v in label_neurons(props).items() if k != "dead"}
     return out

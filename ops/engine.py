@@ -40,7 +40,7 @@ from ops.correlation import FamilyMoments
 from ops.errors import ConfigError
 from ops.models import LoadedModel, capture_mlp, forward_until
 from ops.stats import HistSpec, NeuronAccumulator, StatsPartial, finalize, merge_partials
-from ops.taxonomy import CountersAccumulator, CountersPartial, merge_counters
+from ops.taxonomy import BIGRAM_BASE, CountersAccumulator, CountersPartial, merge_counters
 
 Site = tuple[int, int]
 """``(model index in the pass, layer)``."""
@@ -150,13 +150,16 @@ class NeuronCounters(Consumer):
                  threshold: float | np.ndarray, device: torch.device | str = "cpu"):  # fmt: skip
         self.sites = (site,)
         self.shard = shard
+        if shard.tokens.size and int(shard.tokens.max()) >= BIGRAM_BASE:
+            raise ConfigError(f"token id {int(shard.tokens.max())} is too large for the taxonomy's "
+                              f"bigram ids (< {BIGRAM_BASE}); set record.taxonomy: null")  # fmt: skip
         n_buckets = int(shard.buckets.max()) + 1
         self.acc = CountersAccumulator(d, n_buckets, sources, m, threshold, device)
 
     @torch.no_grad()
     def update(self, acts, rows, positions) -> None:  # noqa: ANN001
-        x = acts[0].index_select(0, rows)
-        self.acc.update(x, *self.shard.lookup(positions.cpu().numpy()))
+        self.acc.update(acts[0], *self.shard.lookup(positions.cpu().numpy()),
+                        rows=rows.cpu().numpy())  # fmt: skip
 
     def state(self) -> CountersPartial:
         return self.acc.partial()

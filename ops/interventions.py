@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:  # ops.models imports transformers (seconds): configs import this
     from ops.models import LoadedModel
@@ -65,7 +66,7 @@ def mean_losses(loaded: LoadedModel, layer: int,
     """Mean next-token loss over ``batches`` (ids, attention, recorded mask) with ``layer``'s MLP
     activation replaced by each of ``replacements`` (``None``: the clean model)."""
     totals = {name: [0.0, 0] for name in replacements}
-    for ids, attn, m in batches:
+    for ids, attn, m in tqdm(batches, desc=f"CE loss L{layer}", unit="batch", disable=None):
         lm = loss_mask(m)
         for name, fn in replacements.items():
             if fn is None:

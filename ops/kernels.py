@@ -1,4 +1,4 @@
-"""Fused CPU kernel for the per-batch statistics update (numba).
+"""Fused CPU kernels for the per-batch statistics and taxonomy counters (numba).
 
 The eager torch update makes ~20 passes over every activation (moments, min/max,
 activation count, histogram, top-k threshold) and costs more than the forward pass on
@@ -91,7 +91,36 @@ def _update_rows(act, wide, rows, positions, shift, s, vmin, vmax, npos, hist, h
         _row_rest_jit(xf, xi, pos_mask - positions[r], hist, bins, keys, vals)
 
 
+def _fire_rows(act, wide, rows, groups, thr, grp_sum, scratch, out):  # noqa: ANN001, ANN202
+    """The taxonomy counters' dense pass over ``act[rows]`` (float32, or bfloat16 bits as
+    int16): add each row into its group's sums (float64) and write ``r * d + j`` into
+    ``out`` for every value above its neuron's threshold. Returns how many there were;
+    more than ``out`` holds means only the first ``len(out)`` were written."""
+    xf = scratch.view(np.float32)
+    d = thr.shape[0]
+    cap = out.shape[0]
+    k = 0
+    for r in range(rows.shape[0]):
+        row = act[rows[r]]
+        if wide:
+            for j in range(d):
+                xf[j] = row[j]
+        else:
+            for j in range(d):
+                scratch[j] = (np.uint32(row[j]) & 0xFFFF) << 16
+        g = groups[r]
+        for j in range(d):
+            v = xf[j]
+            grp_sum[g, j] += v
+            if v > thr[j]:
+                if k < cap:
+                    out[k] = r * d + j
+                k += 1
+    return k
+
+
 if AVAILABLE:
+    fire_rows = numba.njit(nogil=True, boundscheck=False, cache=True)(_fire_rows)
     _row_moments_jit = numba.njit(nogil=True, boundscheck=False, fastmath=True, cache=True)(
         _row_moments
     )
@@ -100,3 +129,4 @@ if AVAILABLE:
     update_rows = numba.njit(nogil=True, boundscheck=False, cache=True)(_update_rows)
 else:  # pragma: no cover
     update_rows = None
+    fire_rows = None

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ops.configs import ARCHITECTURES, SAEConfig
 from ops.errors import ConfigError
@@ -738,7 +739,7 @@ def train(
         return batches.state_dict() if isinstance(batches, StreamBatches) else None
 
     sae.train()
-    for x in it:
+    for x in tqdm(it, desc="train SAE", unit="batch", initial=state.step, disable=None):
         x = x.to(device=device, dtype=sae.W_dec.dtype, non_blocking=True)
         if not bool(sae.initialized):
             sae.init_from(x)

@@ -37,6 +37,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ops.configs import SNMFConfig
 from ops.errors import ConfigError
@@ -432,7 +433,7 @@ def run(
     history: list[float] = []
     best_loss, best_iter, best_z = math.inf, -1, z
     ref, stale = math.inf, 0
-    for it in range(cfg.iters):
+    for it in tqdm(range(cfg.iters), desc="SNMF", unit="iter", disable=None):
         red = backend.reductions()
         ay = red[0][0].clone()
         yy = red[0][1].clone()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:  # ops.models imports transformers (seconds): configs import this
     from ops.models import LoadedModel
@@ -146,10 +147,13 @@ def steer(
         raise ConfigError("steer: the direction is zero or not finite")
     d = d / norm
     evals: list[tuple[float, float]] = []
+    bar = tqdm(total=max_evals, desc=f"steer to KL {target_kl}", unit="eval", disable=None)
 
     def kl_at(alpha: float) -> float:
         kl = ev.evaluate(d, alpha)[0]
         evals.append((alpha, kl))
+        bar.update(1)
+        bar.set_postfix(alpha=f"{alpha:.3g}", kl=f"{kl:.3f}")
         return kl
 
     def close(kl: float) -> bool:
@@ -169,6 +173,7 @@ def steer(
             lo = mid
         else:
             hi, kl_hi = mid, kl
+    bar.close()
     alpha, kl = min(evals, key=lambda e: abs(e[1] - target_kl))
     _, delta = ev.evaluate(d, alpha, with_delta=True)
     assert delta is not None

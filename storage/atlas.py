@@ -357,7 +357,7 @@ class Atlas:
     # ------------------------------------------------------------------ taxonomy
 
     KINDS = ("dead", "token", "ngram", "positional", "source", "massive")
-    _SCORE = {"token": "token_top1", "ngram": "ngram_top1", "positional": "pos_var",
+    _SCORE = {"token": "token_top1", "ngram": "ngram_top1", "positional": "pos_nmi",
               "source": "source_selectivity"}  # fmt: skip
 
     def _taxonomy_layers(self, model: str, layer: int | None) -> list[int]:
@@ -424,7 +424,7 @@ class Atlas:
             "fire_rate": float(t["fire_rate"][i]), "fires": int(t["fires"][i]),
             "threshold": float(t["threshold"][i]),
         }  # fmt: skip
-        base = int(attrs.get("bigram_base", 2**31))
+        base = int(attrs["bigram_base"])
         toks = self._token_texts(t["tok_items"][i], t["tok_counts"][i], None, 5)
         grams = self._token_texts(t["bi_items"][i], t["bi_counts"][i], base, 5)
         top = grams if kind == "ngram" else toks  # `tokens`: what the kind fires on

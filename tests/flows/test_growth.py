@@ -66,11 +66,13 @@ def test_grown_corpus_records_only_new_shards_and_equals_a_fresh_run(grown) -> N
     assert _record_shards(atlas, grown["second"]["run"]) == list(range(n_old // rows, n_shards))
     assert _record_shards(atlas, grown["first"]["run"]) == list(range(-(-n_old // rows)))
     assert atlas.attrs["complete"] and atlas.model_attrs("tiny")["complete"]
-    # statistics and top-k: bit for bit those of one run over the whole corpus
+    # statistics, top-k and taxonomy: bit for bit those of one run over the whole corpus
     a, b = _arrays(tmp / "grown.zarr"), _arrays(tmp / "fresh.zarr")
-    for key in b:
-        if "/stats/" in key or "/topk/" in key or key.startswith("corpus/") and "sample" not in key:
-            assert a[key] == b[key], key
+    compared = [k for k in b if any(f"/{g}/" in k for g in ("stats", "topk", "taxonomy"))
+                or k.startswith("corpus/") and "sample" not in k]  # fmt: skip
+    assert any("/taxonomy/" in k for k in compared)
+    for key in compared:
+        assert a[key] == b[key], key
     # the grown sample keeps its first run's rate per shard, and the new shards are filled
     per = atlas.sample_rows_per_shard()
     assert atlas.corpus["sample_positions"].shape == (n_shards * per,)

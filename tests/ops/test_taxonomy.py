@@ -80,7 +80,7 @@ def test_merge_of_exact_summaries_is_exact_and_order_free() -> None:
 
 
 def _reference(x, tokens, prev, bucket, source, thr, B, S):
-    """Float64 numpy counts of one layer."""
+    """Float64 numpy counts of one layer (the counters sum in float32 within a batch)."""
     fired = x.astype(np.float64) > thr
     out = {"tokens": len(tokens), "fires": fired.sum(0),
            "pos_fires": np.stack([fired[bucket == b].sum(0) for b in range(B)], 1),
@@ -117,10 +117,9 @@ def test_counters_equal_a_float64_computation_and_shards_merge_exactly() -> None
     np.testing.assert_array_equal(p.pos_tokens, np.bincount(bucket, minlength=B))
     x64 = x.astype(np.float64)
     for b in range(B):
-        np.testing.assert_allclose(p.pos_sum[:, b], x64[bucket == b].sum(0), rtol=1e-12, atol=1e-9)
-        np.testing.assert_allclose(p.pos_sq[:, b], (x64[bucket == b] ** 2).sum(0), rtol=1e-12)
+        np.testing.assert_allclose(p.pos_sum[:, b], x64[bucket == b].sum(0), rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(p.src_fires, ref["src_fires"])
-    np.testing.assert_allclose(p.src_sum, ref["src_sum"], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(p.src_sum, ref["src_sum"], rtol=1e-6, atol=1e-5)
     for j in range(d):  # m is above the distinct items: exact
         assert _as_dict(p.sketch("tok"), j) == dict(tok[j])
         assert _as_dict(p.sketch("bi"), j) == {a * BIGRAM_BASE + b: c for (a, b), c in bi[j].items()}
@@ -151,18 +150,63 @@ def test_scores_follow_their_definitions() -> None:
         pb, pf = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
         mi = np.nansum(joint * np.log(joint / (pb * pf)))
         assert sc["pos_mi"][j] == pytest.approx(mi, abs=1e-12)
-        # eta^2 of the activation by bucket
+        h_f = -(f.mean() * np.log(f.mean()) + (1 - f.mean()) * np.log(1 - f.mean()))
+        assert sc["pos_nmi"][j] == pytest.approx(mi / h_f, abs=1e-12)
+        # eta^2 of the firing indicator by bucket
+        rates = np.array([f[bucket == b].mean() for b in range(B)])
+        eta2 = sum((bucket == b).sum() * (rates[b] - f.mean()) ** 2 for b in range(B)) / (T * f.var())
+        assert sc["pos_var"][j] == pytest.approx(eta2)
         a = x[:, j].astype(np.float64)
         means = np.array([a[bucket == b].mean() for b in range(B)])
-        eta2 = sum((bucket == b).sum() * (means[b] - a.mean()) ** 2 for b in range(B)) / (T * a.var())
-        assert sc["pos_var"][j] == pytest.approx(eta2)
-        np.testing.assert_allclose(sc["pos_mean"][j], means, rtol=1e-12)
+        np.testing.assert_allclose(sc["pos_mean"][j], means, rtol=1e-6, atol=1e-7)
         rate = np.array([f[source == s].mean() for s in range(S)])
         q = rate / rate.sum()
         assert sc["source_selectivity"][j] == pytest.approx(1 + (q * np.log(q)).sum() / np.log(S))
         assert sc["source_favoured"][j] == rate.argmax()
         mean_s = [x[source == s, j].astype(np.float64).mean() for s in range(S)]
-        np.testing.assert_allclose(sc["source_mean"][j], mean_s, rtol=1e-12)
+        np.testing.assert_allclose(sc["source_mean"][j], mean_s, rtol=1e-6, atol=1e-7)
+
+
+def test_only_recorded_rows_count() -> None:
+    """Given the whole batch view and the recorded rows, the rest (BOS, padding) is ignored."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((50, 5)).astype(np.float32)
+    rows = np.sort(rng.choice(50, 30, replace=False))
+    tok, b, s = rng.integers(0, 9, 30), rng.integers(0, 2, 30), rng.integers(0, 2, 30)
+    whole = CountersAccumulator(5, 2, 2, 16)
+    whole.update(torch.from_numpy(x), tok, np.full(30, -1), b, s, rows=rows)
+    picked = CountersAccumulator(5, 2, 2, 16)
+    picked.update(torch.from_numpy(x[rows]), tok, np.full(30, -1), b, s)
+    p, q = whole.partial(), picked.partial()
+    for name in ("fires", "pos_fires", "src_fires", "tok_items", "tok_counts"):
+        np.testing.assert_array_equal(getattr(p, name), getattr(q, name))
+    np.testing.assert_allclose(p.src_sum, q.src_sum, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_numba_kernel_equals_the_torch_path(dtype, monkeypatch) -> None:
+    """The fused CPU kernel (ops.kernels.fire_rows) against the torch path, float32 and
+    bfloat16 batches, a buffer too small for the events included."""
+    from ops import kernels
+
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.standard_normal((64, 40)).astype(np.float32)).to(dtype)
+    rows = np.sort(rng.choice(64, 50, replace=False))
+    tok, b, s = rng.integers(0, 30, 50), rng.integers(0, 3, 50), rng.integers(0, 2, 50)
+    prev = rng.integers(-1, 30, 50)
+    out = []
+    for use_kernel in (True, False):
+        monkeypatch.setattr(kernels, "AVAILABLE", use_kernel)
+        acc = CountersAccumulator(40, 3, 2, 64, threshold=rng.random(40).astype(np.float32) * 0 + 0.2)
+        for _ in range(2):
+            acc.update(x, tok, prev, b, s, rows=rows)
+        out.append(acc.partial())
+    k, t = out
+    for name in ("fires", "pos_fires", "src_fires", "tok_items", "tok_counts", "bi_items",
+                 "bi_counts"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(k, name), getattr(t, name), err_msg=name)
+    np.testing.assert_allclose(k.src_sum, t.src_sum, rtol=1e-6, atol=1e-5)
+    assert k.fires.sum() > 64 * 40 // 16  # more events than the kernel's first buffer
 
 
 def test_labels_pick_the_wired_neurons() -> None:
