@@ -457,6 +457,15 @@ def load_model(
     )
 
 
+def activation_name(config: PretrainedConfig) -> str:
+    """The MLP's activation function as the config names it (``"unknown"`` if it does not)."""
+    for key in ("hidden_act", "hidden_activation", "activation_function"):
+        v = getattr(config, key, None)
+        if isinstance(v, str) and v:
+            return v
+    return "unknown"
+
+
 def model_info(source: str, revision: str | None = None) -> dict[str, Any]:
     """Shape facts from the config alone (no weights), so the driver can pre-size arrays.
 
@@ -483,8 +492,7 @@ def model_info(source: str, revision: str | None = None) -> dict[str, Any]:
         "d_mlp": spec.d_mlp(config),
         "site": spec.description,
         "vocab_size": int(config.vocab_size),
-        "activation": str(getattr(config, "hidden_act", None)
-                          or getattr(config, "activation_function", None) or "unknown"),
+        "activation": activation_name(config),
     }
 
 

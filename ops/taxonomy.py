@@ -325,6 +325,33 @@ class CountersAccumulator:
         )  # fmt: skip
 
 
+def pad_sources(p: CountersPartial, sources: int) -> CountersPartial:
+    """``p`` with its per-source arrays widened to ``sources`` (a corpus that grew may have
+    gained a source after a shard was counted)."""
+    extra = sources - p.src_tokens.shape[-1]
+    if extra <= 0:
+        return p
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((*a.shape[:-1], extra), a.dtype)], axis=-1)
+
+    return CountersPartial(**{f.name: getattr(p, f.name) for f in fields(p)} | {
+        "src_tokens": pad(p.src_tokens), "src_fires": pad(p.src_fires), "src_sum": pad(p.src_sum)})  # fmt: skip
+
+
+def firing_rule(threshold: float | None, quantile: float | None, activation: str) -> dict:
+    """When a neuron fires: ``{"rule": "threshold", "value": x}`` or ``{"rule": "quantile",
+    "q": q}`` (per neuron). Unset: ``> 0`` for ReLU activations, whose zero is a real
+    "off"; the 0.99 quantile for GELU/SiLU ones, which are rarely exactly zero."""
+    if threshold is not None:
+        return {"rule": "threshold", "value": float(threshold)}
+    if quantile is not None:
+        return {"rule": "quantile", "q": float(quantile)}
+    if "relu" in activation.lower():
+        return {"rule": "threshold", "value": 0.0}
+    return {"rule": "quantile", "q": 0.99}
+
+
 # ---------------------------------------------------------------------------- scores and labels
 
 

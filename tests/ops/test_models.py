@@ -27,6 +27,7 @@ from ops.models import (
     SUPPORTED,
     ArchSpec,
     LoadedModel,
+    activation_name,
     arch_spec,
     cache_dir,
     capture_mlp,
@@ -128,7 +129,10 @@ def test_capture_matches_recomputed_mlp_activation(model_type: str, tiny_dirs: d
         "d_mlp": expected_d_mlp,
         "site": lm.site,
         "vocab_size": VOCAB,
+        # the taxonomy's default firing rule reads it (> 0 for ReLU, a quantile otherwise)
+        "activation": activation_name(lm.model.config),
     }
+    assert info["activation"] != "unknown"
 
     captured: dict[int, torch.Tensor] = {}
     reference: dict[int, torch.Tensor] = {}
@@ -511,6 +515,7 @@ def test_real_smollm2() -> None:
         "d_mlp": 1536,
         "site": lm.site,
         "vocab_size": 49152,
+        "activation": "silu",
     }
 
     tok = lm.tokenizer
