@@ -262,8 +262,13 @@ def test_run_accounting_shows_one_pass_for_record_sample_and_stream(dict_atlas, 
     mask, bs = atlas.corpus["mask"][...], job.record.batch_size
     batches = sum(bool(mask[a : min(a + bs, b)].any())
                   for a0, b in atlas.shard_ranges() for a in range(a0, b, bs))  # fmt: skip
-    # no stream pass of its own; CE and steering forwards are accounted too
-    assert set(stages) == {"record/tiny", "features/tiny/1", "dictionaries/measures"}
+    # no stream pass of its own; CE and steering forwards are accounted too, and the
+    # taxonomy's probe of shard 0 for the firing thresholds (SwiGLU: a per-neuron quantile)
+    assert set(stages) == {"firing/tiny", "record/tiny", "features/tiny/1", "dictionaries/measures"}
+    probe = stages.pop("firing/tiny")
+    a0, b0 = atlas.shard_ranges()[0]
+    assert [x for w in probe["workers"] for x in w["shards"]] == [0]
+    assert probe["tokens"] == int(mask[a0:b0].sum())
     measures = stages.pop("dictionaries/measures")
     assert measures["forward_passes"] > 0 and measures["tokens"] > 0
     for name, s in stages.items():
