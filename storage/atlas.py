@@ -474,9 +474,11 @@ class Atlas:
             if not at.model_attrs(m).get("complete"):
                 continue
             for L in at.layers(m):
-                t = at.taxonomy(m, L)
-                if "tok_items" not in t:
+                lg = at.layer_group(m, L)
+                if TAXONOMY not in lg or "tok_items" not in lg[TAXONOMY]:
                     continue
+                g = lg[TAXONOMY]  # three arrays, not the layer's whole data
+                t = {k: g[k][...] for k in ("tok_items", "tok_counts", "fires")}
                 hit = np.isin(t["tok_items"], ids)
                 for i, j in zip(*np.nonzero(hit), strict=True):
                     c, f = int(t["tok_counts"][i, j]), int(t["fires"][i])
@@ -517,10 +519,15 @@ class Atlas:
     def layer_kinds(self, model: str) -> list[dict[str, Any]]:
         """Per layer, the fraction of neurons of each kind (a neuron may have several)."""
         out = []
-        for L in self._taxonomy_layers(model, None):
-            t = self.taxonomy(model, L)
-            out.append({"layer": L, "neurons": int(len(t["kind_dead"])),
-                        **{k: float(t[f"kind_{k}"].mean()) for k in self.KINDS}})  # fmt: skip
+        self._require_complete(model)
+        for L in self.layers(model):
+            lg = self.layer_group(model, L)
+            if TAXONOMY not in lg or "kind_dead" not in lg[TAXONOMY]:
+                raise AtlasError(f"{self.path} has no taxonomy for {model!r} (the job ran with "
+                                 "'record.taxonomy: null'; map it again with the default)")  # fmt: skip
+            kinds = {k: lg[TAXONOMY][f"kind_{k}"][...] for k in self.KINDS}  # the labels only
+            out.append({"layer": L, "neurons": int(len(kinds["dead"])),
+                        **{k: float(v.mean()) for k, v in kinds.items()}})  # fmt: skip
         return out
 
     def _require_complete(self, model: str) -> None:

@@ -62,22 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         opts.add_argument(a)
     drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    pages = {"overview": "", "neuron": f"#/neuron/{quote(model)}/{layer}/{index}",
-             "search": f"#/search/{quote(args.token)}", "kinds": f"#/kinds/{quote(model)}"}  # fmt: skip
+    # page -> (URL fragment, what the page shows once it has its answers)
+    pages = {"overview": ("", "#neuronlist a"),
+             "neuron": (f"#/neuron/{quote(model)}/{layer}/{index}", "#posplot"),
+             "search": (f"#/search/{quote(args.token)}", "#results"),
+             "kinds": (f"#/kinds/{quote(model)}", "#kindsplot")}  # fmt: skip
     runs = atlas.dictionaries(model, layer)
     if runs:
         method, names = next(iter(runs.items()))
-        pages["feature"] = f"#/feature/{quote(model)}/{layer}/{method}/{quote(names[0])}/0"
+        pages["feature"] = (f"#/feature/{quote(model)}/{layer}/{method}/{quote(names[0])}/0",
+                            "#fneurons")  # fmt: skip
     try:
-        for name, frag in pages.items():
+        for name, (frag, ready) in pages.items():
+            drv.get("about:blank")  # a fresh page each time, not a same-page hash change
             drv.get(base + frag)
-            time.sleep(3)  # every request of the page answered
-            drv.find_element(By.ID, "main")
+            end = time.time() + 120
+            while not drv.find_elements(By.CSS_SELECTOR, ready) and time.time() < end:
+                time.sleep(0.2)
+            time.sleep(0.5)
             drv.save_screenshot(str(out / f"{name}.png"))
             print(out / f"{name}.png")
     finally:
         drv.quit()
         srv.should_exit = True
+        time.sleep(1)  # let the server stop before the interpreter does
     return 0
 
 
