@@ -2,8 +2,8 @@
 
     python -m viewer.screenshots ATLAS OUTDIR [--model M] [--neuron L/I] [--token TEXT]
 
-Writes ``overview.png``, ``neuron.png``, ``search.png``, ``kinds.png`` (and ``feature.png``
-when the layer has a dictionary). The README's pictures are made this way from the default
+Writes ``overview.png``, ``neuron.png``, ``search.png``, ``kinds.png``, and ``feature.png``
+when the layer has a dictionary, ``universal.png`` when the atlas has universality results. The README's pictures are made this way from the default
 job's SmolLM2 atlas. Needs Debian's ``chromium`` and ``chromium-driver`` and ``selenium``.
 """
 
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         method, names = next(iter(runs.items()))
         pages["feature"] = (f"#/feature/{quote(model)}/{layer}/{method}/{quote(names[0])}/0",
                             "#fneurons")  # fmt: skip
+    if atlas.universality_overview():
+        pages["universal"] = ("#/universal", "#universal a")
     try:
         for name, (frag, ready) in pages.items():
             drv.get("about:blank")  # a fresh page each time, not a same-page hash change
