@@ -509,7 +509,10 @@ class Atlas:
         at = self.owner(model)
         for method, runs in at.dictionaries(model, layer).items():
             for run in runs:
-                w = self.feature_directions(at.dictionary(model, layer, method, run), method)[:, index]
+                # a dictionary's directions are read once per handle, not once per neuron page
+                dirs = at._layers.get(("directions", model, layer, method, run), lambda m=method, r=run:
+                                      self.feature_directions(at.dictionary(model, layer, m, r), m))  # fmt: skip
+                w = dirs[:, index]
                 for f in np.argsort(-np.abs(w), kind="stable")[:features]:
                     feats.append({"method": method, "run": run, "index": int(f),
                                   "weight": float(w[f])})  # fmt: skip
