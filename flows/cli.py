@@ -84,6 +84,7 @@ from flows.config import (  # noqa: E402
     valid_model_name,
     with_options,
 )
+from ops.configs import TAXONOMY_KINDS as KINDS  # noqa: E402
 from ops.errors import NeuronmapError  # noqa: E402
 from storage.atlas import Atlas, AtlasError  # noqa: E402
 
@@ -360,7 +361,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(rows))
         return 0
-    kinds = list(Atlas.KINDS)
+    kinds = list(KINDS)
     print(f"{'layer':>5} " + "".join(f"{k:>11}" for k in kinds))
     for r in rows:
         print(f"{r['layer']:>5} " + "".join(f"{r[k]:>11.1%}" for k in kinds))
@@ -378,7 +379,7 @@ def plot_layers(rows: list[dict], model: str, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     layers = [r["layer"] for r in rows]
-    for k in Atlas.KINDS:
+    for k in KINDS:
         ax.plot(layers, [100 * r[k] for r in rows], marker="o", label=k)
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons (%)")
@@ -671,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     ns.add_argument("atlas", help="atlas path or URL")
     ns.add_argument("model", type=model_name, help="model name in the atlas")
     ns.add_argument("--layer", type=int, default=None, help="only this layer (default all)")
-    ns.add_argument("--kind", choices=list(Atlas.KINDS), default=None,
+    ns.add_argument("--kind", choices=list(KINDS), default=None,
                     help="rank by this kind's score (default: every kind, --top of each)")  # fmt: skip
     ns.add_argument("--source", default=None,
                     help="only neurons that fire most on this corpus source (e.g. wiki-fr)")  # fmt: skip

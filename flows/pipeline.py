@@ -38,6 +38,7 @@ from flows.prepare import prepare_corpus, prepare_model, staging_path, swap_in
 from flows.record import model_properties, record_model
 from flows.seeds import train_seeds
 from flows.universality import record_family, universality
+from ops.configs import TAXONOMY_KINDS as KINDS
 from storage.atlas import Atlas, AtlasError
 from storage.layout import family_path
 from storage.lease import Lease
@@ -56,7 +57,7 @@ def _summary_markdown(job: JobConfig, rows: list[dict], uni: dict | None, ledger
         lines.append(f"| {r['model']} | {r.get('tokens', 0):,} | {tps} | {dead or 'unchanged'} |")
     kinds = [(r["model"], r["kinds"]) for r in rows if r.get("kinds")]
     if kinds:
-        names = ("dead", "token", "ngram", "positional", "source", "massive")
+        names = KINDS
         lines += ["", "## Neuron kinds (fraction of each layer)", "",
                   "| model | layer | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]  # fmt: skip
         for model, per in kinds:

@@ -11,6 +11,7 @@ import numpy as np
 
 from flows.config import JobConfig, ModelConfig, TaxonomyConfig
 from flows.engine import Ledger, Shard, Stage, stream_stage
+from ops.configs import TAXONOMY_KINDS, TAXONOMY_SCORES
 from ops.engine import Consumer, FiringProbe, NeuronCounters, ShardTokens
 from ops.taxonomy import (
     BIGRAM_BASE,
@@ -125,7 +126,8 @@ def write_labels(atlas: Store, model: str, layers: list[int], counts: CountersPa
                   **{f"kind_{k}": v for k, v in lab.items()}}  # fmt: skip
         attrs = {"firing": rule, "tokens": int(p.tokens), "sources": list(c["source_names"]),
                  "buckets": int(len(p.pos_tokens)), "seq_len": int(c["seq_len"]),
-                 "bigram_base": BIGRAM_BASE, "labels": vars(t)}  # fmt: skip
+                 "bigram_base": BIGRAM_BASE, "labels": vars(t), "kinds": list(TAXONOMY_KINDS),
+                 "scores": {k: v for k, v in TAXONOMY_SCORES.items() if v}}  # fmt: skip
         atlas.write_taxonomy(model, L, arrays, attrs)
         out[L] = {k: float(v.mean()) for k, v in lab.items()}
     return out

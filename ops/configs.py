@@ -227,3 +227,12 @@ class SteeringSearch:
     max_evals: int = 24
     #: Promoted and suppressed tokens reported.
     top: int = 10
+
+
+TAXONOMY_KINDS = ("dead", "token", "ngram", "positional", "source", "massive")
+"""Neuron kinds of the taxonomy (``ops.taxonomy``), in the order they are stored; here, in a
+torch-free module, so the CLI can offer them without loading torch."""
+
+TAXONOMY_SCORES = {"dead": None, "token": "token_top1", "ngram": "ngram_top1",
+                   "positional": "pos_nmi", "source": "source_selectivity", "massive": None}  # fmt: skip
+"""The score each kind is ranked by (dead and massive: by the statistics)."""

@@ -424,14 +424,6 @@ def scores(p: CountersPartial) -> dict[str, np.ndarray]:
     return out
 
 
-KINDS = ("dead", "token", "ngram", "positional", "source", "massive")
-"""Neuron kinds, in the order the labels are stored."""
-
-SCORE_OF = {"dead": None, "token": "token_top1", "ngram": "ngram_top1", "positional": "pos_nmi",
-            "source": "source_selectivity", "massive": None}  # fmt: skip
-"""The score each kind is ranked by (dead and massive: by the statistics)."""
-
-
 @dataclass(frozen=True)
 class Thresholds:
     """When a score makes a label (see :func:`labels`)."""

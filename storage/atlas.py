@@ -356,9 +356,11 @@ class Atlas:
 
     # ------------------------------------------------------------------ taxonomy
 
-    KINDS = ("dead", "token", "ngram", "positional", "source", "massive")
-    _SCORE = {"token": "token_top1", "ngram": "ngram_top1", "positional": "pos_nmi",
-              "source": "source_selectivity"}  # fmt: skip
+    def _kind_names(self, model: str, layer: int) -> tuple[list[str], dict[str, str]]:
+        """The kinds a layer was labelled with and the score each is ranked by, as the
+        labelling wrote them (``ops.configs.TAXONOMY_KINDS``, ``TAXONOMY_SCORES``) into the layer's attrs."""
+        a = self.taxonomy_attrs(model, layer)
+        return list(a.get("kinds", [])), dict(a.get("scores", {}))
 
     def _taxonomy_layers(self, model: str, layer: int | None) -> list[int]:
         self._require_complete(model)
@@ -385,15 +387,16 @@ class Atlas:
     @routed
     def neurons(self, model: str, layer: int | None = None, kind: str | None = None,
                 source: str | None = None, top: int = 20) -> list[dict[str, Any]]:  # fmt: skip
-        """Neurons of one kind (``KINDS``), strongest first: ``{"layer", "index", "kind",
+        """Neurons of one kind (``kinds`` attr of the layer), strongest first: ``{"layer", "index", "kind",
         "score", ...}`` with the top trigger ``tokens`` (token and n-gram kinds, most
         frequent first), the firing rate per position bucket (``positions``), the favoured
         ``source`` and per-source rates. ``kind=None``: every kind, ``top`` of each.
         ``source`` keeps the neurons whose favoured source it is (any kind)."""
-        if kind is not None and kind not in self.KINDS:
-            raise AtlasError(f"unknown kind {kind!r}; kinds: {', '.join(self.KINDS)}")
-        kinds = [kind] if kind else list(self.KINDS)
         layers = self._taxonomy_layers(model, layer)
+        known, score_of = self._kind_names(model, layers[0])
+        if kind is not None and kind not in known:
+            raise AtlasError(f"unknown kind {kind!r}; kinds: {', '.join(known)}")
+        kinds = [kind] if kind else known
         names = self.taxonomy_attrs(model, layers[0]).get("sources", [])
         if source is not None and source not in names:
             raise AtlasError(f"unknown source {source!r}; sources of {self.path}: {names}")
@@ -406,7 +409,7 @@ class Atlas:
                 if source is not None:
                     sel &= t["source_favoured"] == names.index(source)
                 for i in np.flatnonzero(sel):
-                    score = (float(t[self._SCORE[k]][i]) if k in self._SCORE
+                    score = (float(t[score_of[k]][i]) if k in score_of
                              else float(max(abs(st["max"][i]), abs(st["min"][i]))) if k == "massive"
                              else 1.0 - float(t["fire_rate"][i]))  # fmt: skip
                     cands.append((-score, L, int(i), score))
@@ -420,7 +423,7 @@ class Atlas:
         attrs = self.taxonomy_attrs(model, layer)
         rec: dict[str, Any] = {
             "model": model, "layer": layer, "index": i, "kind": kind, "score": score,
-            "kinds": [k for k in self.KINDS if t[f"kind_{k}"][i]],
+            "kinds": [k for k in self._kind_names(model, layer)[0] if t[f"kind_{k}"][i]],
             "fire_rate": float(t["fire_rate"][i]), "fires": int(t["fires"][i]),
             "threshold": float(t["threshold"][i]),
         }  # fmt: skip
@@ -448,9 +451,10 @@ class Atlas:
         t = self.taxonomy(model, layer)
         if "kind_dead" not in t:
             return None
-        kinds = [k for k in self.KINDS if t[f"kind_{k}"][index]]
+        known, score_of = self._kind_names(model, layer)
+        kinds = [k for k in known if t[f"kind_{k}"][index]]
         kind = kinds[0] if kinds else None
-        score = float(t[self._SCORE[kind]][index]) if kind in self._SCORE else None
+        score = float(t[score_of[kind]][index]) if kind in score_of else None
         names = self.taxonomy_attrs(model, layer).get("sources", [])
         rec = self._taxonomy_record(model, layer, index, kind or "", score or 0.0, names)
         rec["kind"], rec["score"] = kind, score
@@ -528,7 +532,8 @@ class Atlas:
             if TAXONOMY not in lg or "kind_dead" not in lg[TAXONOMY]:
                 raise AtlasError(f"{self.path} has no taxonomy for {model!r} (the job ran with "
                                  "'record.taxonomy: null'; map it again with the default)")  # fmt: skip
-            kinds = {k: lg[TAXONOMY][f"kind_{k}"][...] for k in self.KINDS}  # the labels only
+            names = lg[TAXONOMY].attrs.get("kinds", [])
+            kinds = {k: lg[TAXONOMY][f"kind_{k}"][...] for k in names}  # the labels only
             out.append({"layer": L, "neurons": int(len(kinds["dead"])),
                         **{k: float(v.mean()) for k, v in kinds.items()}})  # fmt: skip
         return out
