@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +50,31 @@ def timed(fn, dev: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def flush_tokens(dev: torch.device) -> int | None:
+    """The co-moment fold cadence of a worker on ``dev`` (CPU: every batch)."""
+    return 65536 if dev.type == "cuda" else None
+
+
+def pair_inputs(L: int, d: int, t: int, dev: torch.device) -> dict[tuple[int, int], torch.Tensor]:
+    """A batch of ``t`` tokens of two models' ``L`` layers x ``d`` neurons (float32 normals)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    return {(m, k): torch.randn(t, d, device=dev, generator=g) for m in (0, 1) for k in range(L)}
+
+
+def update_and_gemm(acts: dict[tuple[int, int], torch.Tensor], L: int, d: int, dev: torch.device,
+                    dtype: torch.dtype) -> tuple[Callable[[], object], Callable[[], object]]:  # fmt: skip
+    """``(update, gemm)``: one ``FamilyMoments.update`` of a pair tile over ``acts``, and the
+    bare GEMM of the same concatenated inputs in ``dtype`` (float32 accumulation)."""
+    layers = {0: list(range(L)), 1: list(range(L))}
+    acc = FamilyMoments([PairTile(0, 1, 0, L)], layers, {0: d, 1: d}, dev, dtype,
+                        flush_tokens(dev))  # fmt: skip
+    xa = torch.cat([acts[(0, k)] for k in range(L)], 1).to(dtype)
+    xb = torch.cat([acts[(1, k)] for k in range(L)], 1).to(dtype)
+    if dtype == torch.float32:
+        return (lambda: acc.update(acts)), (lambda: xa.T @ xb)
+    return (lambda: acc.update(acts)), (lambda: torch.mm(xa.T, xb, out_dtype=torch.float32))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CPU-sized shapes (4 layers x 768)")
@@ -70,17 +96,11 @@ def main() -> None:
     D = L * d
     layers = {0: list(range(L)), 1: list(range(L))}
     dims = {0: d, 1: d}
-    g = torch.Generator(device=dev).manual_seed(0)
-    acts = {(m, k): torch.randn(t, d, device=dev, generator=g) for m in (0, 1) for k in range(L)}
-    flush = 65536 if cuda else None
-    acc = FamilyMoments([PairTile(0, 1, 0, L)], layers, dims, dev, dtype, flush)
-    update = timed(lambda: acc.update(acts), dev, reps)
-    xa = torch.cat([acts[(0, k)] for k in range(L)], 1).to(dtype)
-    xb = torch.cat([acts[(1, k)] for k in range(L)], 1).to(dtype)
-    if dtype == torch.float32:
-        gemm = timed(lambda: xa.T @ xb, dev, reps)
-    else:
-        gemm = timed(lambda: torch.mm(xa.T, xb, out_dtype=torch.float32), dev, reps)
+    flush = flush_tokens(dev)
+    acts = pair_inputs(L, d, t, dev)
+    update_fn, gemm_fn = update_and_gemm(acts, L, d, dev, dtype)
+    update = timed(update_fn, dev, reps)
+    gemm = timed(gemm_fn, dev, reps)
     flops = 2 * t * D * D
     own_acc = FamilyMoments([OwnTile(0, 0, L)], layers, dims, dev, dtype, flush)
     own = timed(lambda: own_acc.update(acts), dev, reps)

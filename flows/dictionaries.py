@@ -48,7 +48,7 @@ from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
 from ops import sae as sae_ops
 from ops import snmf as snmf_ops
-from ops.engine import ActivationFeed, Consumer, FeatureStats
+from ops.engine import ActivationFeed, Consumer, FeatureStats, Rows
 from ops.stats import StatsPartial, finalize, hist_spec
 from storage.atlas import Atlas
 from storage.layout import contrast_key, steering_key
@@ -263,10 +263,9 @@ def sample_feature_stats(encode: Any, x: torch.Tensor, positions: np.ndarray,
     r = job.record
     n = encode(x[:1]).shape[1]
     c = FeatureStats((0, 0), encode, n, r.topk, hist_spec(r.hist_bins, r.hist_min, r.hist_max))
-    pos = torch.from_numpy(positions)
     for a in range(0, x.shape[0], 4096):
         chunk = x[a : a + 4096]
-        c.update((chunk,), torch.arange(chunk.shape[0]), pos[a : a + 4096])
+        c.update((chunk,), Rows.of(np.arange(chunk.shape[0]), positions[a : a + 4096]))
     part = c.state()
     return (finalize(part, r.dead_frequency, r.massive_threshold), part.top_values,
             part.top_positions)  # fmt: skip

@@ -10,18 +10,24 @@ So a stage that needs several consumers gets them all from **one** forward.
 The consumer protocol:
 
 - ``sites``: the ``(model index, layer)`` pairs it reads;
-- ``update(acts, rows, positions)``: ``acts`` holds one ``[N, d]`` view per site (the model's
-  own flattened tensor for the whole batch, never a copy), ``rows`` the recorded rows of it
-  (BOS and padding left out) and ``positions`` their flat corpus positions;
+- ``update(acts, rows)``: ``acts`` holds one ``[N, d]`` view per site (the model's own
+  flattened tensor for the whole batch, never a copy); ``rows`` (:class:`Rows`) the recorded
+  rows of it (BOS and padding left out) and their flat corpus positions, on the device and
+  on the host, so that no consumer copies back (on a GPU that copy would wait for the device);
 - ``state()``: the mergeable partial on the host (numpy), for the shard or checkpoint;
 - ``merge(states)`` (static): the fold of partials, in the order given (shard order);
 - ``finalize(state)`` (static, optional): the result the atlas stores.
 
 Consumers with one site are called from the hook, while the view is live, so a CPU
 kernel can read the model's bfloat16 buffer in place. Consumers with several sites (the
-co-moments of two models) are called once every model has run the batch, with
-``rows=None``: their ``acts`` are the recorded rows already gathered in float32, once per
-site and batch, shared by every such consumer of the site.
+co-moments of two models) are called once every model has run the batch: their ``acts``
+are the recorded rows already gathered in float32, once per site and batch, shared by
+every such consumer of the site.
+
+On a GPU nothing in the per-batch path waits for the device: the rows go up by
+non-blocking copies from pinned memory, the statistics run as fused kernels
+(:mod:`ops.fused`) and consumers that keep activations on the host copy them
+asynchronously into pinned buffers, read once per shard (``state()``).
 
 Nothing here knows Ray, Prefect or Zarr; ``flows.engine`` runs passes on workers.
 """
@@ -82,6 +88,56 @@ def batches(tokens: np.ndarray, mask: np.ndarray, first_sequence: int, batch_siz
                         (first_sequence + a) * seq_len + rows)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The recorded rows of a batch and their flat corpus positions, on the device (for
+    kernels) and on the host (for lookups), both int64 ``[T]``."""
+
+    index: torch.Tensor
+    positions: torch.Tensor
+    index_host: np.ndarray
+    positions_host: np.ndarray
+
+    @classmethod
+    def of(cls, index: np.ndarray, positions: np.ndarray,
+           device: torch.device | str = "cpu") -> Rows:  # fmt: skip
+        index = np.ascontiguousarray(index, np.int64)
+        positions = np.ascontiguousarray(positions, np.int64)
+        return cls(to_device(index, device), to_device(positions, device), index, positions)
+
+
+def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory without waiting for it."""
+    t = torch.from_numpy(a)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class HostRows:
+    """Rows of device activations gathered into a pinned host buffer without waiting for the
+    device; ``read()`` waits once (per shard or checkpoint) and returns them in order."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.done: torch.cuda.Event | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.device.type != "cuda":  # callers hand over fresh tensors
+            self.parts.append(x)
+            return
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        self.parts.append(buf)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def read(self) -> list[torch.Tensor]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.parts
+
+
 # ---------------------------------------------------------------------------- consumers
 
 
@@ -90,8 +146,7 @@ class Consumer:
 
     sites: tuple[Site, ...] = ()
 
-    def update(self, acts: Sequence[torch.Tensor], rows: torch.Tensor | None,
-               positions: torch.Tensor) -> None:  # fmt: skip
+    def update(self, acts: Sequence[torch.Tensor], rows: Rows) -> None:
         raise NotImplementedError
 
     def state(self) -> Any:
@@ -106,12 +161,12 @@ class NeuronStats(Consumer):
     """Moments, min/max, activation frequency, histogram and top-k of every neuron of a site."""
 
     def __init__(self, site: Site, d: int, k: int, spec: HistSpec,
-                 device: torch.device | str = "cpu"):  # fmt: skip
+                 device: torch.device | str = "cpu", backend: str = "auto"):  # fmt: skip
         self.sites = (site,)
-        self.acc = NeuronAccumulator(d, k, spec, device)
+        self.acc = NeuronAccumulator(d, k, spec, device, backend)
 
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
-        self.acc.update_rows(acts[0], rows, positions)
+    def update(self, acts, rows) -> None:  # noqa: ANN001
+        self.acc.update_rows(acts[0], rows.index, rows.positions)
 
     def state(self) -> StatsPartial:
         return self.acc.partial()
@@ -157,9 +212,8 @@ class NeuronCounters(Consumer):
         self.acc = CountersAccumulator(d, n_buckets, sources, m, threshold, device)
 
     @torch.no_grad()
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
-        self.acc.update(acts[0], *self.shard.lookup(positions.cpu().numpy()),
-                        rows=rows.cpu().numpy())  # fmt: skip
+    def update(self, acts, rows) -> None:  # noqa: ANN001
+        self.acc.update(acts[0], *self.shard.lookup(rows.positions_host), rows=rows.index_host)
 
     def state(self) -> CountersPartial:
         return self.acc.partial()
@@ -173,17 +227,17 @@ class FiringProbe(Consumer):
 
     def __init__(self, site: Site, q: float, max_rows: int):
         self.sites = (site,)
-        self.q, self.max_rows, self.parts, self.n = q, max_rows, [], 0
+        self.q, self.max_rows, self.parts, self.n = q, max_rows, HostRows(), 0
 
     @torch.no_grad()
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+    def update(self, acts, rows) -> None:  # noqa: ANN001
         if self.n < self.max_rows:
-            take = rows[: self.max_rows - self.n]
-            self.parts.append(acts[0].index_select(0, take).float().cpu())
+            take = rows.index[: self.max_rows - self.n]
+            self.parts.add(acts[0].index_select(0, take).float())
             self.n += len(take)
 
     def state(self) -> np.ndarray:
-        x = torch.cat(self.parts).double().numpy()
+        x = torch.cat(self.parts.read()).double().numpy()
         return np.quantile(x, self.q, axis=0)
 
 
@@ -197,9 +251,9 @@ class FeatureStats(Consumer):
         self.acc = NeuronAccumulator(n, k, spec, device)
 
     @torch.no_grad()
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
-        x = acts[0].index_select(0, rows).float()
-        self.acc.update(self.encode(x), positions)
+    def update(self, acts, rows) -> None:  # noqa: ANN001
+        x = acts[0].index_select(0, rows.index).float()
+        self.acc.update(self.encode(x), rows.positions)
 
     def state(self) -> StatsPartial:
         return self.acc.partial()
@@ -217,18 +271,24 @@ class ActivationSample(Consumer):
     def __init__(self, site: Site, d: int, positions: np.ndarray):
         self.sites = (site,)
         self.want = np.asarray(positions, np.int64)
-        self.out = np.zeros((len(self.want), d), np.float16)
+        self.d = d
+        self.slots: list[np.ndarray] = []
+        self.rows = HostRows()
 
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
-        pos = positions.cpu().numpy()
+    def update(self, acts, rows) -> None:  # noqa: ANN001
+        pos = rows.positions_host
         slot = np.flatnonzero(np.isin(self.want, pos) & (self.want >= 0))
         if len(slot):
-            src = torch.from_numpy(np.searchsorted(pos, self.want[slot]))
-            take = rows.index_select(0, src.to(rows.device))
-            self.out[slot] = acts[0].index_select(0, take).to(torch.float16).cpu().numpy()
+            take = rows.index_host[np.searchsorted(pos, self.want[slot])]
+            self.slots.append(slot)
+            self.rows.add(acts[0].index_select(0, to_device(take, acts[0].device))
+                          .to(torch.float16))  # fmt: skip
 
     def state(self) -> np.ndarray:
-        return self.out
+        out = np.zeros((len(self.want), self.d), np.float16)
+        for slot, x in zip(self.slots, self.rows.read(), strict=True):
+            out[slot] = x.numpy()
+        return out
 
     @staticmethod
     def merge(states: Sequence[np.ndarray]) -> np.ndarray:
@@ -240,17 +300,18 @@ class ActivationFeed(Consumer):
 
     def __init__(self, site: Site):
         self.sites = (site,)
-        self.parts: list[torch.Tensor] = []
+        self.parts = HostRows()
         self.width = 0
 
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+    def update(self, acts, rows) -> None:  # noqa: ANN001
         self.width = acts[0].shape[-1]
-        self.parts.append(acts[0].index_select(0, rows).to(torch.float16).cpu())
+        self.parts.add(acts[0].index_select(0, rows.index).to(torch.float16))
 
     def state(self) -> np.ndarray:
-        if not self.parts:
+        parts = self.parts.read()
+        if not parts:
             return np.zeros((0, self.width), np.float16)
-        return torch.cat(self.parts).numpy()
+        return torch.cat(parts).numpy()
 
     @staticmethod
     def merge(states: Sequence[np.ndarray]) -> np.ndarray:
@@ -266,7 +327,7 @@ class TileMoments(Consumer):
         self.acc = acc
         self.sites = acc.sites
 
-    def update(self, acts, rows, positions) -> None:  # noqa: ANN001
+    def update(self, acts, rows) -> None:  # noqa: ANN001
         # a joint consumer: ``acts`` are gathered float32 rows (see the module docstring)
         self.acc.update(dict(zip(self.sites, acts, strict=True)))
 
@@ -318,7 +379,7 @@ class ActivationPass:
         for c in consumers:
             for m, layer in c.sites:
                 layers.setdefault(m, set()).add(layer)
-        cur: dict[str, torch.Tensor] = {}
+        cur: dict[str, Rows] = {}
         views: dict[Site, torch.Tensor] = {}
         keep = {s for c in joint for s in c.sites}
 
@@ -326,9 +387,9 @@ class ActivationPass:
             def on_act(layer: int, act: torch.Tensor) -> None:
                 flat = act.reshape(-1, act.shape[-1])
                 for c in local.get((m, layer), ()):
-                    c.update((flat,), cur["rows"], cur["positions"])
+                    c.update((flat,), cur["rows"])
                 if (m, layer) in keep:
-                    views[(m, layer)] = flat.index_select(0, cur["rows"]).float()
+                    views[(m, layer)] = flat.index_select(0, cur["rows"].index).float()
 
             return on_act
 
@@ -336,13 +397,12 @@ class ActivationPass:
             for m in sorted(layers):
                 hooks.enter_context(capture_mlp(self.models[m], sorted(layers[m]), hook_for(m)))
             for b in batches_:
-                cur["rows"] = torch.from_numpy(b.rows).to(self.device)
-                cur["positions"] = torch.from_numpy(b.positions).to(self.device)
+                cur["rows"] = Rows.of(b.rows, b.positions, self.device)
                 for m in sorted(layers):
                     forward_until(self.models[m], b.input_ids, b.attention, max(layers[m]))
                     count.forward_passes += 1
                 for c in joint:
-                    c.update(tuple(views[s] for s in c.sites), None, cur["positions"])
+                    c.update(tuple(views[s] for s in c.sites), cur["rows"])
                 views.clear()
                 count.tokens += len(b.rows)
         return count

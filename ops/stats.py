@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops import kernels
+from ops import fused, kernels
 from ops.errors import ConfigError
 
 #: Positions must fit in 31 bits to be packed next to a float32 in one int64 key.
@@ -298,19 +298,28 @@ class NeuronAccumulator:
     """Streaming statistics of one layer's neurons, updated batch by batch.
 
     ``backend="numba"`` (CPU) runs the fused one-pass kernel of :mod:`ops.kernels`;
-    ``backend="torch"`` runs eager torch ops on the tensor's device (GPU, or the
-    reference on CPU). ``"auto"`` picks numba on CPU when it is installed.
+    ``backend="triton"`` (GPU) the fused kernels of :mod:`ops.fused` (no host syncs);
+    ``backend="torch"`` runs eager torch ops on the tensor's device (the reference).
+    ``"auto"`` picks numba on CPU and Triton on CUDA when they are installed.
     """
 
     def __init__(self, d: int, k: int, spec: HistSpec, device: torch.device | str = "cpu",
-                 backend: str = "auto"):  # fmt: skip
+                 backend: str = "auto", tiling: fused.Tiling | None = None):  # fmt: skip
         self.d, self.k, self.spec = d, k, spec
         self.device = dev = torch.device(device)
         if backend == "auto":
-            backend = "numba" if dev.type == "cpu" and kernels.AVAILABLE else "torch"
-        if backend not in ("numba", "torch") or (backend == "numba" and dev.type != "cpu"):
+            if dev.type == "cpu":
+                backend = "numba" if kernels.AVAILABLE else "torch"
+            else:
+                backend = "triton" if fused.available(dev) else "torch"
+        ok = {"torch": True, "numba": dev.type == "cpu" and kernels.AVAILABLE,
+              "triton": fused.available(dev)}  # fmt: skip
+        if not ok.get(backend, False):
             raise ConfigError(f"backend {backend!r} is not available on {dev}")
         self.backend = backend
+        self._fused = (
+            fused.FusedUpdate(d, k, dev, tiling or fused.Tiling()) if backend == "triton" else None
+        )
         f64 = dict(dtype=torch.float64, device=dev)
         self.n = 0
         self.mean = torch.zeros(d, **f64)
@@ -343,6 +352,10 @@ class NeuronAccumulator:
         """
         t = int(rows.shape[0])
         if t == 0:
+            return
+        if self.backend == "triton":  # merges into the state in place
+            self._fused(self, act, rows.to(torch.int64), positions.to(self.device, torch.int64))
+            self.n += t
             return
         if self.backend == "numba":
             mean, b2, b3, b4 = self._pass_numba(act, rows, positions)

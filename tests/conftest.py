@@ -18,6 +18,14 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Without a GPU the Triton kernels (ops.fused) run in Triton's interpreter. Triton reads this
+# when triton.language is first imported (transformers may import it while tests are being
+# collected), so it is set here, before any test module is imported.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
