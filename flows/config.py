@@ -81,8 +81,11 @@ class ModelConfig(_Strict):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto = float16 on GPU, bfloat16 on a CPU with "
-        "native bf16 (AVX-512 BF16/AMX), float32 on other CPUs (emulated bf16 is ~4x slower)."
+        "auto",
+        description="Compute dtype; auto = bfloat16 on a GPU with it (else float16), "
+        "bfloat16 on a CPU with native bf16 (AVX-512 BF16/AMX), float32 on other CPUs "
+        "(emulated bf16 is ~4x slower). The atlas records the dtype used and why "
+        "(model attrs compute_dtype).",
     )
 
     @field_validator("name")
@@ -303,19 +306,26 @@ class SAERunConfig(_Strict):
     k: int = Field(_SAE("k"), ge=1, description="Active latents per token (topk/batchtopk).")
     l1_coef: float = Field(_SAE("l1_coef"), ge=0, description="L1 coefficient (relu).")
     jumprelu_threshold_init: float = Field(
-        _SAE("jumprelu_threshold_init"), gt=0, description="jumprelu: initial threshold.")
+        _SAE("jumprelu_threshold_init"), gt=0, description="jumprelu: initial threshold."
+    )
     jumprelu_bandwidth: float = Field(
-        _SAE("jumprelu_bandwidth"), gt=0,
-        description="jumprelu: width of the threshold's pseudo-gradient kernel.")
+        _SAE("jumprelu_bandwidth"),
+        gt=0,
+        description="jumprelu: width of the threshold's pseudo-gradient kernel.",
+    )
     jumprelu_l0_coef: float = Field(
-        _SAE("jumprelu_l0_coef"), ge=0, description="jumprelu: weight of the L0 penalty.")
-    auxk: int = Field(_SAE("auxk"), ge=0,
-                      description="topk/batchtopk: dead latents AuxK uses per token.")
+        _SAE("jumprelu_l0_coef"), ge=0, description="jumprelu: weight of the L0 penalty."
+    )
+    auxk: int = Field(
+        _SAE("auxk"), ge=0, description="topk/batchtopk: dead latents AuxK uses per token."
+    )
     auxk_coef: float = Field(_SAE("auxk_coef"), ge=0, description="AuxK loss weight; 0 = off.")
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
-        _SAE("b_dec_init"), description="Decoder bias init from the first batch.")
+        _SAE("b_dec_init"), description="Decoder bias init from the first batch."
+    )
     normalize_input: bool = Field(
-        _SAE("normalize_input"), description="Scale inputs to unit mean squared norm.")
+        _SAE("normalize_input"), description="Scale inputs to unit mean squared norm."
+    )
     lr: float = Field(_SAE("lr"), gt=0, description="Adam learning rate.")
     batch_size: int = Field(_SAE("batch_size"), ge=1, description="Tokens per step.")
     epochs: float = Field(4.0, gt=0, description="Passes over the training tokens.")
@@ -368,9 +378,12 @@ class SNMFRunConfig(_Strict):
     patience: int = Field(
         _SNMF("patience"), ge=1, description="Stop after this many iterations without progress."
     )
-    tol: float = Field(_SNMF("tol"), ge=0, description="Relative loss drop that counts as progress.")
-    init: Literal["random", "svd", "kmeans"] = Field(_SNMF("init"),
-                                                     description="Initialisation of Z.")
+    tol: float = Field(
+        _SNMF("tol"), ge=0, description="Relative loss drop that counts as progress."
+    )
+    init: Literal["random", "svd", "kmeans"] = Field(
+        _SNMF("init"), description="Initialisation of Z."
+    )
     seed: int = Field(_SNMF("seed"), description="Initialisation seed.")
 
     def snmf_config(self) -> SNMFConfig:

@@ -5,6 +5,7 @@ then the weight-derived neuron properties.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -67,7 +68,11 @@ def _record_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dict
     """The shard's statistics partial (stacked over layers) and sample rows into the atlas;
     a feed goes back to the driver."""
     parts = [c.state() for c in consumers if isinstance(c, NeuronStats)]
-    shard.atlas.write_partial(model, shard.index, stack_partials(parts) | counter_arrays(consumers))
+    lm = shard.models[0]
+    used = np.frombuffer(json.dumps({str(lm.dtype).removeprefix("torch."): lm.dtype_why})
+                         .encode(), np.uint8)  # fmt: skip
+    shard.atlas.write_partial(model, shard.index, stack_partials(parts)
+                              | counter_arrays(consumers) | {"compute_dtype": used})  # fmt: skip
     out = {}
     for c in consumers:
         if isinstance(c, ActivationSample):
@@ -97,8 +102,12 @@ def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -
         if fp == prep["fingerprint"] and 0 < cursor <= whole:
             acc, start = StatsPartial.from_arrays(arrays), cursor
             counts = read_counters(arrays, n_sources)
+    # the dtype each shard was recorded in, and why (workers on GPUs and CPUs may differ)
+    dtypes = dict(atlas.model_attrs(model.name).get("compute_dtype", {})) if start else {}
     for s in tqdm(range(start, n_shards), desc=f"merge {model.name}", unit="shard"):
         arrays = atlas.read_partial(model.name, s)
+        used = arrays.pop("compute_dtype", None)  # (absent in partials of older versions)
+        dtypes.update(json.loads(bytes(used).decode()) if used is not None else {})
         part, c = StatsPartial.from_arrays(arrays), read_counters(arrays, n_sources)
         acc = part if acc is None else merge_partials([acc, part])
         if c is not None:
@@ -122,7 +131,8 @@ def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -
         rule, thresholds = prep["firing"]
         kinds = write_labels(atlas, model.name, prep["layers"], counts, stats, rule,
                              job.record.taxonomy, thresholds)  # fmt: skip
-    atlas.model_group(model.name).attrs.update({"complete": True, "tokens": int(acc.n)})
+    atlas.model_group(model.name).attrs.update({"complete": True, "tokens": int(acc.n),
+                                                "compute_dtype": dtypes})  # fmt: skip
     atlas.touch()
     return {"tokens": int(acc.n), "dead_frac": dead_frac, "kinds": kinds}
 
@@ -154,7 +164,11 @@ def _shared_stream(job: JobConfig, model: ModelConfig, prep: dict
     from flows.dictionaries import checkpoint_path, dictionaries_fingerprint
 
     d = job.dictionaries
-    run = next((r for r in d.sae if r.source == "stream"), None) if d and d.model == model.name else None
+    run = (
+        next((r for r in d.sae if r.source == "stream"), None)
+        if d and d.model == model.name
+        else None
+    )
     entry = Atlas.open(job.atlas).done(f"record/{model.name}")
     if run is None or (entry.get("fingerprint") == prep["fingerprint"]
                        and (entry.get("shards") or entry.get("complete"))):  # fmt: skip
@@ -183,7 +197,9 @@ def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger 
 
     When the job streams an SAE over this model's layer, the record pass feeds it too: the
     SAE trains here, in shard order, on the activations of the same forward."""
-    if job.record.taxonomy is not None and not Store.open(job.atlas).model_attrs(model.name).get("complete"):
+    if job.record.taxonomy is not None and not Store.open(job.atlas).model_attrs(model.name).get(
+        "complete"
+    ):
         prep = prep | {"firing": firing(job, model, prep, ledger)}
     shared = _shared_stream(job, model, prep)
     if shared is None:
@@ -232,7 +248,9 @@ def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
     if not job.record.properties or atlas.model_attrs(model.name).get("props_complete"):
         return {}
     ensure_ray(job.resources.ray_address, job.resources.workers)
-    ref = _properties.options(**worker_env()).remote(model.source, model.revision, prep["layers"], job.record.top_tokens)
+    ref = _properties.options(**worker_env()).remote(
+        model.source, model.revision, prep["layers"], job.record.top_tokens
+    )
     per_layer = get(ref)
     counts = {}
     for layer, arrays in per_layer.items():
@@ -242,5 +260,3 @@ def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
         }
     atlas.model_group(model.name).attrs.update({"props_complete": True})
     return counts
-
-

@@ -63,6 +63,7 @@ __all__ = [
     "register_arch",
     "resolve_device",
     "resolve_dtype",
+    "dtype_choice",
     "arch_spec",
 ]
 
@@ -225,26 +226,37 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Parse a dtype name; ``None``/"auto" = float16 on CUDA; on CPU bfloat16 where the CPU
-    has native bf16 (~3.5x faster than float32 there), float32 elsewhere (emulated bf16 is
-    ~4x slower than float32)."""
+def dtype_choice(name: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype for ``name`` on ``device``, and why (the atlas records both).
+
+    ``None``/"auto": bfloat16 on a GPU that has it (float16 on older GPUs); on a CPU
+    bfloat16 where the CPU has native bf16 (~3.5x faster than float32 there), float32
+    elsewhere (emulated bf16 is ~4x slower than float32)."""
     if isinstance(name, torch.dtype):
         if name not in _DTYPES.values():
             raise ModelError(
                 f"dtype {name} is not supported; use one of float32, bfloat16, float16"
             )
-        return name
+        return name, "asked for"
     if name is None or name.lower() == "auto":
         if torch.device(device).type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: the GPU computes in bfloat16"
+            return torch.float16, "auto: the GPU has no bfloat16"
+        if cpu_has_native_bf16():
+            return torch.bfloat16, "auto: the CPU has native bfloat16 (avx512_bf16 or amx)"
+        return torch.float32, "auto: the CPU has no native bfloat16 (emulated, ~4x slower)"
     dtype = _DTYPES.get(name.lower())
     if dtype is None:
         raise ModelError(
             f"dtype {name!r} is not supported; use one of auto, float32, bfloat16, float16"
         )
-    return dtype
+    return dtype, "asked for"
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Parse a dtype name (:func:`dtype_choice` without the reason)."""
+    return dtype_choice(name, device)[0]
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -405,6 +417,7 @@ class LoadedModel:
     revision: str | None  # hub ids: the resolved commit hash; else what the user passed
     dtype: torch.dtype
     device: torch.device
+    dtype_why: str = "asked for"  # dtype_choice's reason
 
     def down_projs(self) -> list[nn.Module]:
         """The MLP output projection of every layer, in order."""
@@ -422,7 +435,7 @@ def load_model(
     """Load a supported model for recording. The config is checked before any weights are
     read, so an unsupported architecture fails fast."""
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype, why = dtype_choice(dtype, dev)
     path = prepare_source(source, revision)
     hub = _is_hub_id(source, path)
     load_revision = revision if hub else None
@@ -454,6 +467,7 @@ def load_model(
         revision=resolved or revision,
         dtype=torch_dtype,
         device=dev,
+        dtype_why=why,
     )
 
 

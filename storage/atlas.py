@@ -780,7 +780,7 @@ class Atlas:
                         "mean_frac_active": float(np.nanmean(st["frac_active"][...])),
                     }
             keys = ("source", "architecture", "n_layers", "d_mlp", "hook_site", "dtype",
-                    "complete", "tokens_per_second")  # fmt: skip
+                    "compute_dtype", "complete", "tokens_per_second")  # fmt: skip
             out["models"][m] = {k: ma.get(k) for k in keys} | {"layers": layers}
             if self._wants_props() and not ma.get("props_complete"):
                 out["models"][m]["complete"] = False  # statistics alone are not the model

@@ -341,6 +341,7 @@ def test_overwrite_swaps_in_the_new_atlas(mapped: Path, tiny_model_dir: Path,
     assert out["atlas"] == str(target)
     atlas = Atlas.open(target)
     assert atlas.corpus.attrs["seq_len"] == 16 and atlas.model_attrs("tiny")["complete"]
+    assert atlas.model_attrs("tiny")["compute_dtype"] == {"float32": "asked for"}
     assert "atlas" not in atlas.attrs["job"]  # moved or swapped, its attrs do not lie
     assert [r["run"] for r in atlas.runs()] == [out["run"]]  # the old atlas's history is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.zarr"]

@@ -31,6 +31,7 @@ from ops.models import (
     arch_spec,
     cache_dir,
     capture_mlp,
+    dtype_choice,
     forward_until,
     load_model,
     load_tokenizer,
@@ -370,7 +371,13 @@ def test_dtype_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(ops.models, "cpu_has_native_bf16", lambda native=native: native)
         assert resolve_dtype(None, cpu) == want
         assert resolve_dtype("auto", cpu) == want
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert resolve_dtype("auto", torch.device("cuda")) == want
+    monkeypatch.setattr(ops.models, "cpu_has_native_bf16", lambda: False)
+    assert dtype_choice("auto", cpu) == (torch.float32, dtype_choice(None, cpu)[1])
+    assert "no native bfloat16" in dtype_choice("auto", cpu)[1]
+    assert dtype_choice("bfloat16", cpu) == (torch.bfloat16, "asked for")
     assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cpu) == torch.float16
