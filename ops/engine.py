@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ops.correlation import FamilyMoments
+from ops.devices import HostRows, to_device
 from ops.errors import ConfigError
 from ops.models import LoadedModel, capture_mlp, forward_until
 from ops.stats import HistSpec, NeuronAccumulator, StatsPartial, finalize, merge_partials
@@ -104,38 +105,6 @@ class Rows:
         index = np.ascontiguousarray(index, np.int64)
         positions = np.ascontiguousarray(positions, np.int64)
         return cls(to_device(index, device), to_device(positions, device), index, positions)
-
-
-def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A host array on ``device``; to a GPU through pinned memory without waiting for it."""
-    t = torch.from_numpy(a)
-    if torch.device(device).type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-class HostRows:
-    """Rows of device activations gathered into a pinned host buffer without waiting for the
-    device; ``read()`` waits once (per shard or checkpoint) and returns them in order."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-        self.done: torch.cuda.Event | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        if x.device.type != "cuda":  # callers hand over fresh tensors
-            self.parts.append(x)
-            return
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        buf.copy_(x, non_blocking=True)
-        self.parts.append(buf)
-        self.done = torch.cuda.Event()
-        self.done.record()
-
-    def read(self) -> list[torch.Tensor]:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.parts
 
 
 # ---------------------------------------------------------------------------- consumers

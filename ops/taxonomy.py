@@ -23,11 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
 from ops import kernels
+from ops.devices import to_device
 from ops.errors import ConfigError
 
 EMPTY = -1
@@ -194,7 +196,11 @@ def merge_counters(parts: Sequence[CountersPartial]) -> CountersPartial:
                 acc[name] = acc[name] + getattr(p, name)
         for which in ("tok", "bi"):
             s = merge_sketches([p.sketch(which) for p in layer])
-            acc[f"{which}_items"], acc[f"{which}_counts"], acc[f"{which}_err"] = s.items, s.counts, s.err
+            acc[f"{which}_items"], acc[f"{which}_counts"], acc[f"{which}_err"] = (
+                s.items,
+                s.counts,
+                s.err,
+            )
         out.append(CountersPartial(**acc))
     return out[0] if parts[0].fires.ndim == 1 else stack_counters(out)
 
@@ -211,11 +217,13 @@ class CountersAccumulator:
 
     Fire events are buffered and folded into the summaries once ``flush_events`` (default
     ``4 d m``) are pending: reducing a summary of ``d m`` entries every batch would cost more
-    than the batch's forward on a CPU."""
+    than the batch's forward on a CPU. On a GPU a batch's events are read on the host when
+    the next batch is fed (or at ``partial()``), so the device never waits for the host;
+    ``event_capacity`` is their first buffer size (it grows when a batch fires more)."""
 
     def __init__(self, d: int, buckets: int, sources: int, m: int,
                  threshold: float | np.ndarray = 0.0, device: torch.device | str = "cpu",
-                 flush_events: int | None = None):  # fmt: skip
+                 flush_events: int | None = None, event_capacity: int = 1 << 20):  # fmt: skip
         self.d, self.m = d, m
         self.B, self.S = buckets, sources
         self.threshold = torch.tensor(np.array(threshold, np.float32), device=device)
@@ -233,6 +241,9 @@ class CountersAccumulator:
                                             np.float32)  # fmt: skip
         self._scratch = np.empty(d, np.int32)  # one widened row (ops.kernels)
         self._events = np.empty(0, np.int64)
+        # device path: batches whose fire events are still on their way to the host
+        self._inflight: list[tuple[torch.Tensor, Any, torch.Tensor, tuple[np.ndarray, ...]]] = []
+        self._capacity = event_capacity
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, token: np.ndarray, prev: np.ndarray, bucket: np.ndarray,
@@ -253,8 +264,15 @@ class CountersAccumulator:
         self.grp_tokens += np.bincount(group, minlength=G)
         if x.device.type == "cpu" and kernels.AVAILABLE:  # one fused pass (ops.kernels)
             t, n = self._fire_kernel(x, rows, group)
-        else:
-            t, n = self._fire_torch(x.float(), rows, group)
+            self._count_events(t, n, group, token, prev)
+        else:  # events come back a batch later: nothing waits for the device
+            self._fire_device(x, rows, group, (group, token, prev))
+            self._drain(keep=1)
+
+    def _count_events(self, t: np.ndarray, n: np.ndarray, group: np.ndarray, token: np.ndarray,
+                      prev: np.ndarray) -> None:  # fmt: skip
+        """Fire events (row ``t`` of the batch, neuron ``n``) into the per-group fire counts
+        and the summaries' pending items."""
         if len(t):
             self.grp_fires += np.bincount(group[t] * self.d + n, minlength=len(self.grp_fires))
             has = prev[t] >= 0
@@ -284,16 +302,46 @@ class CountersAccumulator:
             flat = self._events[:k]
         return flat // self.d, flat % self.d
 
-    def _fire_torch(self, x: torch.Tensor, rows: np.ndarray, group: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """The same in torch (GPU, or without numba): rows gathered, events from nonzero."""
-        r_t = torch.from_numpy(rows).to(x.device)
-        xs = x.index_select(0, r_t)
-        g = torch.from_numpy(group).to(x.device)
+    def _fire_device(self, x: torch.Tensor, rows: np.ndarray, group: np.ndarray,
+                     meta: tuple[np.ndarray, ...]) -> None:  # fmt: skip
+        """The same in torch (the GPU path, or without numba), with no host sync: group sums
+        on the device; the fire events as flat indices ``r * d + j`` of a fixed-size buffer
+        (``nonzero_static``) copied to pinned host memory without waiting, with their count.
+        The fire mask is kept until the events are read, in case there were more than the
+        buffer held (then they are collected again from it, and the buffer grows)."""
+        dev = x.device
+        xs = x.index_select(0, to_device(rows, dev)).float()
+        g = to_device(group, dev)
         G = len(self.grp_tokens)
-        self.grp_sum += torch.zeros(G, self.d, device=x.device).index_add_(0, g, xs).to(self.grp_sum)
-        t, n = torch.nonzero(xs > self.threshold, as_tuple=True)
-        return t.cpu().numpy(), n.cpu().numpy()
+        self.grp_sum += torch.zeros(G, self.d, device=dev).index_add_(0, g, xs).to(self.grp_sum)
+        fired = (xs > self.threshold).view(-1)
+        cap = max(self._capacity, 1)
+        flat = torch.nonzero_static(fired, size=cap, fill_value=-1).view(-1)
+        count = fired.sum(dtype=torch.int64).view(1)
+        if dev.type == "cuda":
+            host = torch.empty(cap + 1, dtype=torch.int64, pin_memory=True)
+            host[:cap].copy_(flat, non_blocking=True)
+            host[cap:].copy_(count, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = torch.cat([flat, count]), None
+        self._inflight.append((host, done, fired, meta))
+
+    def _drain(self, keep: int = 0) -> None:
+        """Count the fire events of every batch in flight but the last ``keep``, in order."""
+        while len(self._inflight) > keep:
+            host, done, fired, (group, token, prev) = self._inflight.pop(0)
+            if done is not None:
+                done.synchronize()  # long finished when a batch later
+            cap = host.shape[0] - 1
+            k = int(host[cap])
+            if k > cap:  # more than the buffer held: read them from the mask, grow the buffer
+                flat = torch.nonzero(fired).view(-1).cpu().numpy()
+                self._capacity = 2 * k
+            else:
+                flat = host[:k].numpy()
+            self._count_events(flat // self.d, flat % self.d, group, token, prev)
 
     def _flush(self) -> None:
         """Fold the buffered fire events into the summaries (one reduction for many batches:
@@ -310,6 +358,7 @@ class CountersAccumulator:
         self._pending, self._n_pending = [], 0
 
     def partial(self) -> CountersPartial:
+        self._drain()
         self._flush()
         B, S, d = self.B, self.S, self.d
         gt = self.grp_tokens.reshape(B, S)

@@ -183,10 +183,12 @@ def test_only_recorded_rows_count() -> None:
     np.testing.assert_allclose(p.src_sum, q.src_sum, rtol=1e-6)
 
 
+@pytest.mark.parametrize("capacity", [1 << 20, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_numba_kernel_equals_the_torch_path(dtype, monkeypatch) -> None:
-    """The fused CPU kernel (ops.kernels.fire_rows) against the torch path, float32 and
-    bfloat16 batches, a buffer too small for the events included."""
+def test_numba_kernel_equals_the_torch_path(dtype, capacity, monkeypatch) -> None:
+    """The fused CPU kernel (ops.kernels.fire_rows) against the torch (GPU) path, float32 and
+    bfloat16 batches; buffers too small for the events included (the kernel's first one,
+    and the device path's ``event_capacity``: events read again from the kept mask)."""
     from ops import kernels
 
     rng = np.random.default_rng(7)
@@ -197,10 +199,13 @@ def test_numba_kernel_equals_the_torch_path(dtype, monkeypatch) -> None:
     out = []
     for use_kernel in (True, False):
         monkeypatch.setattr(kernels, "AVAILABLE", use_kernel)
-        acc = CountersAccumulator(40, 3, 2, 64, threshold=rng.random(40).astype(np.float32) * 0 + 0.2)
-        for _ in range(2):
-            acc.update(x, tok, prev, b, s, rows=rows)
+        acc = CountersAccumulator(40, 3, 2, 64, threshold=rng.random(40).astype(np.float32) * 0 + 0.2,
+                                  event_capacity=capacity)  # fmt: skip
+        for i in range(3):
+            acc.update(x, tok[i:], prev[i:], b[i:], s[i:], rows=rows[i:])
+            assert len(acc._inflight) <= 1  # the device path keeps at most one batch in flight
         out.append(acc.partial())
+        assert not acc._inflight
     k, t = out
     for name in ("fires", "pos_fires", "src_fires", "tok_items", "tok_counts", "bi_items",
                  "bi_counts"):  # fmt: skip
