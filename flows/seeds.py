@@ -157,12 +157,12 @@ def prepare_family(
 # ------------------------------------------------------------------ one seed on a Ray worker
 
 
-@ray.remote(num_cpus=1)
+@ray.remote
 def _train_one(
     cfg_json: str, index: int, key: str, tokens_path: str, tokenizer_dir: str, out_dir: str,
-    log_every: int = 10,
+    log_every: int = 10, device: str = "cpu",
 ) -> dict:  # fmt: skip
-    """Train member ``s<index>`` on one CPU and save it; returns its train log (small).
+    """Train member ``s<index>`` on one CPU (or its GPU) and save it; returns its train log.
 
     Paths, not arrays, cross the process boundary: on a multi-node cluster the cache directory
     (``NEURONMAP_CACHE``) must be shared storage, as the driver reads the saved members.
@@ -172,7 +172,8 @@ def _train_one(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)
     cfg = SeedsConfig.model_validate_json(cfg_json)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokens = np.load(tokens_path).astype(np.int64)
@@ -193,7 +194,7 @@ def _train_one(
 
     model, log = timed_train(
         tokens, config, seed, steps, cfg.batch_size, cfg.lr, cfg.dtype,
-        log_every=log_every, on_log=on_log,
+        log_every=log_every, on_log=on_log, device=device,
     )  # fmt: skip
     log = {
         "key": key, "family": cfg.name, "member": name, "index": index,
@@ -211,7 +212,8 @@ def _read_log(path: Path) -> dict:
 @task(name="seeds-train", **TASK)
 def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None,
                   ledger: Ledger | None = None) -> dict:  # fmt: skip
-    """The Ray driver: one Ray task per member not yet saved, at most one per cluster CPU."""
+    """The Ray driver: one Ray task per member not yet saved, at most one per cluster CPU, or
+    one per GPU where the cluster has GPUs (each member then trains on one)."""
     log = get_run_logger()
     fdir = Path(prep["family_dir"])
     key = prep["key"]
@@ -226,14 +228,18 @@ def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None,
     cached = sorted(logs)
     if todo:
         ensure_ray(ray_address, min(len(todo), os.cpu_count() or 1))
-        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        log.info("training seeds %s on Ray (%d CPU slots)", todo, slots)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        kind, device = ("GPU", "cuda") if gpus else ("CPU", "cpu")
+        slots = max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
+        opts = {"num_cpus": 1, "num_gpus": 1 if gpus else 0}
+        log.info("training seeds %s on Ray (%d %s slots)", todo, slots, kind)
         cfg_json = cfg.model_dump_json()
         acct = Accounting(f"seeds/{cfg.name}")
 
         def submit(_slot: int, i: int) -> ray.ObjectRef:
-            return _train_one.remote(cfg_json, i, key, prep["tokens"], prep["tokenizer"],
-                                     str(fdir / member_name(i)))  # fmt: skip
+            return _train_one.options(**opts).remote(
+                cfg_json, i, key, prep["tokens"], prep["tokenizer"], str(fdir / member_name(i)),
+                device=device)  # fmt: skip
 
         for i, r in bounded(todo, submit, slots):
             logs[i] = r

@@ -219,6 +219,7 @@ def train_gpt2(
     dtype: str = "bfloat16",
     log_every: int = 10,
     on_log: Callable[[int, float], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[GPT2LMHeadModel, list[tuple[int, float]]]:
     """Train one seed; return the model (float32 weights, eval mode) and its loss curve.
 
@@ -226,7 +227,9 @@ def train_gpt2(
     draws random numbers (no dropout, no shuffling), so the seed decides the init only. Batch
     ``s`` is rows :func:`batch_rows` ``(s)`` of ``tokens``, identical for every seed. AdamW
     (betas 0.9/0.95, weight decay 0.1 on matrices), linear warmup then cosine decay to 10 %,
-    gradient clipping at 1.0, bfloat16 autocast on CPU when ``dtype="bfloat16"``.
+    gradient clipping at 1.0, bfloat16 autocast when ``dtype="bfloat16"`` (float32 weights
+    and optimiser state). On ``device`` (a GPU: the whole token array goes up once, the loss
+    is read back only when logged). The returned model is on the CPU.
 
     The curve holds ``(step, loss)`` for step 0 (the untrained model's first batch), every
     ``log_every`` steps and the last step; each value is the mean batch loss since the previous
@@ -242,23 +245,24 @@ def train_gpt2(
         raise ModelError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if steps < 1 or batch_size < 1 or log_every < 1:
         raise ModelError(f"steps, batch_size and log_every must be >= 1 ({steps}, {batch_size})")
-    data = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    dev = torch.device(device)
+    data = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(dev)
     n_rows = data.shape[0]
 
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    torch.manual_seed(seed)  # the init is drawn on the CPU: the same weights on any device
+    model = GPT2LMHeadModel(config).to(dev)
     model.train()
-    opt = torch.optim.AdamW(
-        _param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=False
-    )
+    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=dev.type == "cuda")  # fmt: skip
     warmup = max(1, min(100, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else nullcontext())  # fmt: skip
 
     curve: list[tuple[int, float]] = []
-    window: list[float] = []
+    window: list[torch.Tensor] = []
     for step in range(steps):
-        ids = data[torch.from_numpy(batch_rows(step, batch_size, n_rows))]
+        ids = data[torch.from_numpy(batch_rows(step, batch_size, n_rows)).to(dev)]
         with autocast:
             logits = model(input_ids=ids).logits
         # next-token loss in float32 (logits are bfloat16 under autocast)
@@ -270,16 +274,16 @@ def train_gpt2(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        window.append(float(loss.detach()))
+        window.append(loss.detach())
         if step == 0 or (step + 1) % log_every == 0 or step == steps - 1:
-            entry = (step, float(np.mean(window)))
+            entry = (step, float(np.mean([float(v) for v in window])))
             window = []
             if not curve or curve[-1][0] != step:
                 curve.append(entry)
                 if on_log is not None:
                     on_log(*entry)
     model.eval()
-    return model, curve
+    return model.cpu(), curve
 
 
 # --------------------------------------------------------------------------- saving
@@ -344,11 +348,12 @@ def _json_default(obj: Any) -> Any:
 def timed_train(
     tokens: np.ndarray, config: GPT2Config, seed: int, steps: int, batch_size: int, lr: float,
     dtype: str = "bfloat16", log_every: int = 10,
-    on_log: Callable[[int, float], None] | None = None,
+    on_log: Callable[[int, float], None] | None = None, device: str | torch.device = "cpu",
 ) -> tuple[GPT2LMHeadModel, dict[str, Any]]:  # fmt: skip
     """:func:`train_gpt2` plus the facts ``train_log.json`` records about the run."""
     t0 = time.perf_counter()
-    model, curve = train_gpt2(tokens, config, seed, steps, batch_size, lr, dtype, log_every, on_log)
+    model, curve = train_gpt2(tokens, config, seed, steps, batch_size, lr, dtype, log_every,
+                              on_log, device)  # fmt: skip
     seconds = time.perf_counter() - t0
     seen = steps * batch_size * tokens.shape[1]
     return model, {
@@ -366,6 +371,7 @@ def timed_train(
         "loss_curve": [[s, v] for s, v in curve],
         "final_loss": curve[-1][1],
         "initial_loss": curve[0][1],
+        "device": str(torch.device(device)),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }

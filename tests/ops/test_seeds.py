@@ -190,6 +190,19 @@ def test_loss_decreases_bf16(tok):
         train_gpt2(tokens, _config(tok), 0, 1, 2, 1e-3, dtype="float16")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_seed_trains_on_the_gpu_like_on_the_cpu(texts, tok):
+    """Same init (drawn on the CPU), same batches: the GPU run's float32 loss curve follows
+    the CPU's, and the model comes back on the CPU."""
+    tokens = pack_tokens(texts, tok, SEQ, 12 * SEQ)
+    cpu = train_gpt2(tokens, _config(tok), 0, 20, 4, 3e-3, dtype="float32", log_every=5)
+    gpu = train_gpt2(tokens, _config(tok), 0, 20, 4, 3e-3, dtype="float32", log_every=5,
+                     device="cuda")  # fmt: skip
+    assert [s for s, _ in gpu[1]] == [s for s, _ in cpu[1]]
+    np.testing.assert_allclose([v for _, v in gpu[1]], [v for _, v in cpu[1]], rtol=1e-3)
+    assert all(p.device.type == "cpu" for p in gpu[0].parameters())
+
+
 def test_saved_member_loads_everywhere(tmp_path, texts, tok):
     tokens = pack_tokens(texts, tok, SEQ, 40 * SEQ)
     model, log = timed_train(tokens, _config(tok, d_mlp=48), 3, 10, 4, 3e-3)
