@@ -65,7 +65,7 @@ def stats_kernel(
         q = ((bits & 0x7FFFFFFF) >> mshift) - base + 1
         q = tl.minimum(tl.maximum(q, 0), half - 1)
         b = tl.where(x < 0, half - 1 - q, half + q)
-        tl.atomic_add(hist + cols[None, :].to(tl.int64) * BINS + b, 1, mask=m)
+        tl.atomic_add(hist + cols[None, :].to(tl.int64) * BINS + b, 1, mask=m, sem="relaxed")
         key = key_of(x, tl.load(pos + t, mask=tmask, other=0)[:, None], m)
         ncand += tl.sum((key > kth[None, :]).to(tl.int32), 0)
     # the chunk's candidates, largest first: one round per slot while any neuron has more

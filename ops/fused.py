@@ -50,12 +50,16 @@ def available(device: torch.device | str) -> bool:
 class Tiling:
     """How a batch is cut into programs. ``chunk`` rows per program bound the candidate
     buffer (``chunks · k`` keys per neuron); ``sub`` rows are loaded at once; ``block``
-    neurons per program. Powers of two. Small values let tests exercise every edge."""
+    neurons per program. Powers of two. Small values let tests exercise every edge.
 
-    chunk: int = 1024
+    The default keeps the stats kernel at ~118 registers a thread with no spills on sm_90
+    (``ptxas -v``; 16 values a thread doubles that), and gives 3 waves of programs for a
+    16,384-row batch of 1,536 neurons on an H200 (132 SMs)."""
+
+    chunk: int = 512
     sub: int = 32
     block: int = 64
-    warps: int = 4
+    warps: int = 8
 
 
 class FusedUpdate:
