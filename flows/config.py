@@ -230,9 +230,12 @@ class SeedsConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine decay, warmup).")
     base_seed: int = Field(0, description="Seed i is initialised with base_seed + i.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="Autocast dtype for training (bf16 is ~2x faster on these CPUs; "
-        "on a GPU it uses the tensor cores). Weights and optimiser state stay float32."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Autocast dtype for training; auto = bfloat16 on a GPU (tensor "
+        "cores) and on a CPU with native bf16, float32 on other CPUs (emulated bf16 trains "
+        "~2.4x slower there). Weights and optimiser state stay float32; the train log records "
+        "the dtype used.",
     )
 
 

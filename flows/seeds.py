@@ -280,7 +280,8 @@ def loss_markdown(cfg: SeedsConfig, fdir: str, logs: dict[int, dict], trained: l
     lines = [
         f"# seed family `{cfg.name}`", "", f"`{fdir}`", "",
         f"{cfg.count} seeds · {cfg.layers} layers · d_model {cfg.d_model} · d_mlp {cfg.d_mlp} · "
-        f"vocab {cfg.vocab_size} · {cfg.train_tokens:,} tokens · {cfg.dtype}", "",
+        f"vocab {cfg.vocab_size} · {cfg.train_tokens:,} tokens · "
+        f"{'/'.join(sorted({str(r.get('dtype', cfg.dtype)) for r in logs.values()}))}", "",
         "| seed | init | final loss | tok/s | seconds | this run |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for i in sorted(logs):

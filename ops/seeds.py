@@ -26,6 +26,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ops.errors import CorpusError, ModelError
+from ops.models import cpu_has_native_bf16
 
 __all__ = [
     "EOS",
@@ -39,6 +40,7 @@ __all__ = [
     "save_family_member",
     "steps_for",
     "timed_train",
+    "train_dtype",
     "train_gpt2",
     "train_tokenizer",
 ]
@@ -209,6 +211,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
+def train_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
+    """The training dtype for ``dtype`` ("auto": bfloat16 on a GPU and on a CPU with native
+    bf16; float32 on other CPUs, where emulated bf16 trains ~2.4x slower: 2,900 vs 7,200
+    tok/s for the default job's seeds on one AVX2 core)."""
+    if dtype != "auto":
+        return dtype
+    native = torch.device(device).type == "cuda" or cpu_has_native_bf16()
+    return "bfloat16" if native else "float32"
+
+
 def train_gpt2(
     tokens: np.ndarray,
     config: GPT2Config,
@@ -228,7 +240,7 @@ def train_gpt2(
     ``s`` is rows :func:`batch_rows` ``(s)`` of ``tokens``, identical for every seed. AdamW
     (betas 0.9/0.95, weight decay 0.1 on matrices), linear warmup then cosine decay to 10 %,
     gradient clipping at 1.0, bfloat16 autocast when ``dtype="bfloat16"`` (float32 weights
-    and optimiser state). On ``device`` (a GPU: the whole token array goes up once, the loss
+    and optimiser state); "auto" = :func:`train_dtype`. On ``device`` (a GPU: the whole token array goes up once, the loss
     is read back only when logged). The returned model is on the CPU.
 
     The curve holds ``(step, loss)`` for step 0 (the untrained model's first batch), every
@@ -241,8 +253,9 @@ def train_gpt2(
         raise ModelError(
             f"token rows of length {tokens.shape[1]} exceed n_positions={config.n_positions}"
         )
-    if dtype not in ("float32", "bfloat16"):
-        raise ModelError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ModelError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    dtype = train_dtype(dtype, device)
     if steps < 1 or batch_size < 1 or log_every < 1:
         raise ModelError(f"steps, batch_size and log_every must be >= 1 ({steps}, {batch_size})")
     dev = torch.device(device)
@@ -352,6 +365,7 @@ def timed_train(
 ) -> tuple[GPT2LMHeadModel, dict[str, Any]]:  # fmt: skip
     """:func:`train_gpt2` plus the facts ``train_log.json`` records about the run."""
     t0 = time.perf_counter()
+    dtype = train_dtype(dtype, device)
     model, curve = train_gpt2(tokens, config, seed, steps, batch_size, lr, dtype, log_every,
                               on_log, device)  # fmt: skip
     seconds = time.perf_counter() - t0

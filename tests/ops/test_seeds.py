@@ -190,6 +190,16 @@ def test_loss_decreases_bf16(tok):
         train_gpt2(tokens, _config(tok), 0, 1, 2, 1e-3, dtype="float16")
 
 
+def test_auto_dtype_trains_bf16_only_where_it_is_native(monkeypatch):
+    import ops.seeds
+
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(ops.seeds, "cpu_has_native_bf16", lambda native=native: native)
+        assert ops.seeds.train_dtype("auto") == want
+        assert ops.seeds.train_dtype("auto", "cuda") == "bfloat16"
+        assert ops.seeds.train_dtype("float32", "cuda") == "float32"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_seed_trains_on_the_gpu_like_on_the_cpu(texts, tok):
     """Same init (drawn on the CPU), same batches: the GPU run's float32 loss curve follows
