@@ -64,7 +64,6 @@ machine noise, not the engine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -275,16 +274,21 @@ def sae_step_flops(sae: sae_ops.SAE, batch: int) -> int:
 def sae_trainer(arch: str, pool: list[torch.Tensor], sz: Sizes, dev: torch.device,
                 autocast: bool) -> tuple[Callable[[], object], int]:  # fmt: skip
     """A call training a fresh-optimiser run of ``sz.sae_steps`` steps, and its step FLOPs."""
-    cfg = sae_ops.SAEConfig(arch=arch, d_in=sz.sae_d, n_latents=16 * sz.sae_d, k=32,
-                            batch_size=sz.sae_batch, b_dec_init="mean")  # fmt: skip
+    cfg = sae_ops.SAEConfig(
+        arch=arch,
+        d_in=sz.sae_d,
+        n_latents=16 * sz.sae_d,
+        k=32,
+        batch_size=sz.sae_batch,
+        b_dec_init="mean",
+        autocast=autocast,
+    )  # the training loop's own switch (CUDA only)
     sae = sae_ops.build_sae(cfg).to(dev)
     sae.init_from(pool[0])  # outside the timed steps
     steps = [pool[i % len(pool)] for i in range(sz.sae_steps)]
 
     def run() -> None:
-        ctx = torch.autocast(dev.type, torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            sae_ops.train(sae, steps, steps=len(steps), log_every=0)
+        sae_ops.train(sae, steps, steps=len(steps), log_every=0)
 
     return run, sae_step_flops(sae, sz.sae_batch)
 

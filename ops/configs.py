@@ -105,6 +105,10 @@ class SAEConfig:
     model), so that loss coefficients and learning rate transfer across layers and models."""
     seed: int = 0
     """Seed of the weight initialisation (nothing else is random in training)."""
+    autocast: bool = True
+    """Train on CUDA under ``torch.autocast(bfloat16)``: the encoder GEMMs, most of a step, then
+    run at bf16 tensor-core speed, while parameters, Adam state, the sparse decoder and the loss
+    stay float32 (fp32 master weights). No effect on CPU, which trains in float32."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -124,8 +128,9 @@ class SAEConfig:
                 "b_dec_init: must be 'geometric_median', 'mean' or 'zeros', "
                 f"got {self.b_dec_init!r}"
             )
-        if not isinstance(self.normalize_input, bool):
-            raise ConfigError(f"normalize_input: must be a bool, got {self.normalize_input!r}")
+        for name in ("normalize_input", "autocast"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         ARCHITECTURES[self.arch].validate(self)
 
     def to_dict(self) -> dict[str, Any]:

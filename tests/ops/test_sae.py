@@ -1,5 +1,7 @@
 """Sparse autoencoders: config checks, each architecture's contract, known answers (planted
-features, geometric median, STE gradients), metrics against a recomputation, exact resume."""
+features, geometric median, STE gradients), the sparse decoder against the dense ``z @ W_dec``
+(values, gradients, losses, training), bf16 autocast, metrics against a recomputation, exact
+resume."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import ops.sae as sae_module
 from ops.sae import (
     ARCHITECTURES,
     SAEConfig,
@@ -25,9 +28,12 @@ from ops.sae import (
     metrics,
     sample_batches,
     shuffled,
+    sparse_decode,
     step_fn,
     train,
 )
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(autouse=True)
@@ -159,6 +165,205 @@ def test_jumprelu_ste_gradients_known_answer():
     h.sum().backward()
     torch.testing.assert_close(x.grad, torch.zeros_like(x))
     torch.testing.assert_close(theta.grad, torch.tensor([-(1 / eps) * 2]))
+
+
+# --------------------------------------------------------------------------- sparse decoder
+
+
+def _entries(b: int, n: int, k: int, dtype: torch.dtype, variable: bool = False, seed: int = 0):
+    """A random sparse code as :func:`sparse_decode` takes it: ``k`` distinct latents per row
+    (``variable``: 0..2k per row, every 5th row empty, as BatchTopK makes them), sorted within
+    rows, positive values. Returns ``(idx, vals, offsets, rows, z)``, ``z`` the dense code."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 2 * k + 1, (b,), generator=g) if variable else torch.full((b,), k)
+    if variable:
+        counts[::5] = 0
+    idx = torch.cat([torch.randperm(n, generator=g)[:c].sort().values for c in counts.tolist()])
+    vals = (0.1 + torch.rand(idx.numel(), generator=g)).to(dtype)
+    rows = torch.repeat_interleave(torch.arange(b), counts)
+    z = torch.zeros(b, n, dtype=dtype).index_put((rows, idx), vals)
+    return idx, vals, torch.cumsum(counts, 0) - counts, rows, z
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("variable", [False, True])
+def test_sparse_decode_equals_dense(dtype, variable):
+    idx, vals, offsets, _, z = _entries(64, 300, 8, dtype, variable)
+    w = torch.randn(300, 24, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    out = sparse_decode(idx, vals, offsets, w)
+    assert out.dtype == dtype and out.shape == (64, 24)
+    torch.testing.assert_close(out, z @ w)
+    if variable:
+        assert (out[::5] == 0).all()  # rows without entries decode to zero
+
+
+@pytest.mark.parametrize("variable", [False, True])
+def test_sparse_decode_gradcheck(variable):
+    idx, vals, offsets, _, _ = _entries(6, 10, 3, torch.float64, variable)
+    w = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    vals.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(idx, v, offsets, w), (vals, w))
+
+
+@pytest.mark.parametrize("variable", [False, True])
+def test_sparse_decode_gradients_equal_dense_autograd(variable):
+    idx, vals, offsets, rows, _ = _entries(256, 512, 16, torch.float32, variable)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(512, 64, generator=g)
+    grad_out = torch.randn(256, 64, generator=g)
+    grads = []
+    for sparse in (True, False):
+        v, wd = vals.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if sparse:
+            out = sparse_decode(idx, v, offsets, wd)
+        else:
+            out = torch.zeros(256, 512).index_put((rows, idx), v) @ wd
+        out.backward(grad_out)
+        grads.append((v.grad, wd.grad))
+    (gv, gw), (gv_ref, gw_ref) = grads
+    torch.testing.assert_close(gv, gv_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_backward_paths_agree(monkeypatch):
+    """The values' gradient has a CPU path (sampled_addmm) and a CUDA one (gathered rows, in
+    chunks): both run here, the latter with chunks far smaller than one row block."""
+    idx, vals, offsets, rows, _ = _entries(50, 200, 7, torch.float64, variable=True)
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(50, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(200, 32, generator=g, dtype=torch.float64)
+    want = (grad @ w.T)[rows, idx]
+    torch.testing.assert_close(sae_module._values_grad_csr(grad, w, idx, offsets), want)
+    monkeypatch.setattr(sae_module, "_GATHER_ELEMENTS", 3 * 32 + 5)  # 3 entries a chunk
+    torch.testing.assert_close(sae_module._values_grad_gather(grad, w, rows, idx), want)
+    torch.testing.assert_close(sae_module._entry_rows(offsets, idx.numel()), rows)
+
+
+def _loss_and_grads(sae, x, dead):
+    sae.zero_grad(set_to_none=True)
+    loss, parts = sae.loss(x, dead)
+    loss.backward()
+    return parts, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_and_dense_decoder_same_loss_and_gradients(arch, dtype):
+    _, x = _planted(256, m=64, d=16)
+    x = x.to(dtype)
+    sae = build_sae(_small(arch)).to(dtype)
+    sae.init_from(x)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True  # AuxK decodes too
+    parts, grads = _loss_and_grads(sae, x, dead)
+    assert sae._loss(sae.scale(x), dead).z is None  # no dense [B, n] code in training
+    sae.sparse_decoder = False
+    parts_ref, grads_ref = _loss_and_grads(sae, x, dead)
+    assert parts["auxk"] > 0 and parts["l0"] == parts_ref["l0"] == 4
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {}
+    for key in parts_ref:
+        torch.testing.assert_close(parts[key], parts_ref[key], **tol, msg=key)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_and_dense_decoder_same_training(arch):
+    """Same FVU/AuxK trajectory; dead latents planted so that AuxK works throughout."""
+    _, x = _planted(4096, m=64, d=16)
+    histories = []
+    for sparse in (True, False):
+        sae = build_sae(_small(arch, batch_size=128, dead_after_tokens=256))
+        sae.sparse_decoder = sparse
+        with torch.no_grad():
+            sae.W_enc[:, :24] *= 0.01
+        state = train(sae, lambda s: sample_batches(x, 128, 0, s), steps=200, log_every=20)
+        histories.append(state.history)
+    got, want = histories
+    assert want[0]["auxk"] > 0 and want[-1]["fvu"] < 0.5 * want[0]["fvu"]
+    for key in ("fvu", "auxk", "l0", "dead_fraction"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-3, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- autocast
+
+
+def test_autocast_knob_validated_and_resume_fills_new_fields(tmp_path):
+    with pytest.raises(ValueError, match="^autocast:"):
+        SAEConfig(d_in=8, n_latents=16, k=2, autocast=1)
+    assert SAEConfig(d_in=8, n_latents=16, k=2).autocast is True
+    ckpt = tmp_path / "sae.pt"
+    x = torch.randn(32, 16)
+    train(build_sae(_small("topk")), [x] * 2, checkpoint=ckpt)
+    payload = torch.load(ckpt, weights_only=True)
+    del payload["cfg"]["autocast"]  # a checkpoint written before the knob existed
+    torch.save(payload, ckpt)
+    assert train(build_sae(_small("topk")), [x] * 4, checkpoint=ckpt).step == 4
+
+
+def test_autocast_is_a_no_op_on_cpu():
+    _, x = _planted(1024, m=32, d=16)
+    states = []
+    for autocast in (True, False):
+        sae = build_sae(_small("topk", autocast=autocast))
+        train(sae, lambda s: sample_batches(x, 32, 0, s), steps=10, log_every=0)
+        states.append(sae.state_dict())
+    for name, a in states[0].items():
+        assert a.dtype == states[1][name].dtype and torch.equal(a, states[1][name]), name
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_loss_under_bf16_autocast_keeps_fp32_master_weights(arch):
+    """What ``train`` does on CUDA, on CPU's autocast: the mixed-precision forward works for
+    every architecture, gradients land in float32, and the loss stays near float32's."""
+    _, x = _planted(256, m=64, d=16)
+    sae = build_sae(_small(arch))
+    sae.init_from(x)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
+    parts_ref, _ = _loss_and_grads(sae, x, dead)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = sae.loss(x, dead)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    for name, p in sae.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+    assert float(parts["fvu"]) != float(parts_ref["fvu"])  # the encoder did run in bf16
+    assert float(parts["fvu"]) == pytest.approx(float(parts_ref["fvu"]), abs=0.02)
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_cuda_sparse_decoder_equals_dense(arch):
+    _, x = _planted(512, m=64, d=16)
+    sae = build_sae(_small(arch)).to("cuda", torch.float64)
+    x = x.to("cuda", torch.float64)
+    sae.init_from(x)
+    dead = torch.zeros(48, dtype=torch.bool, device="cuda")
+    dead[::3] = True
+    parts, grads = _loss_and_grads(sae, x, dead)
+    sae.sparse_decoder = False
+    parts_ref, grads_ref = _loss_and_grads(sae, x, dead)
+    for key in parts_ref:
+        torch.testing.assert_close(parts[key], parts_ref[key], msg=key)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_cuda_autocast_training_matches_fp32(arch):
+    """bf16 autocast with fp32 master weights: FVU within 1% of the variance of fp32's."""
+    _, x = _planted(20_000)
+    fvu = {}
+    for autocast in (True, False):
+        cfg = SAEConfig(arch=arch, d_in=32, n_latents=128, k=4, auxk=16, lr=3e-3,
+                        batch_size=256, dead_after_tokens=2_000, autocast=autocast)  # fmt: skip
+        sae = build_sae(cfg).to("cuda")
+        state = train(sae, lambda s: sample_batches(x, 256, 0, s), steps=500, log_every=100)
+        assert all(p.dtype == torch.float32 for p in sae.parameters())
+        fvu[autocast] = metrics(sae, x, state)["fvu"]
+    assert fvu[True] == pytest.approx(fvu[False], abs=0.01)
 
 
 # --------------------------------------------------------------------------- known answers
