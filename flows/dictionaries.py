@@ -39,6 +39,7 @@ from flows.engine import (
     Stage,
     ensure_ray,
     get,
+    placement,
     run_stage,
     stream_stage,
     worker_env,
@@ -88,8 +89,11 @@ def log_every(steps: int) -> int:
     return max(1, min(100, steps // 20))
 
 
-@ray.remote(num_cpus=1)
-def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt: str) -> dict:
+@ray.remote
+def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt: str,
+               device: str = "cpu") -> dict:  # fmt: skip
+    """Train one SAE on the stored sample, on ``device`` (the task's GPU where workers take
+    GPUs; batches go up as they are drawn)."""
     torch.set_num_threads(os.cpu_count() or 1)
     atlas = Atlas.open(atlas_path)
     shards = atlas.sample(model, layer)
@@ -97,7 +101,7 @@ def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt:
     # a latent silent for a whole pass over the sample counts as dead (AuxK)
     cfg = run.sae_config(x.shape[1], dead_after_tokens=len(x))
     torch.manual_seed(run.seed)
-    sae = sae_ops.build_sae(cfg)
+    sae = sae_ops.build_sae(cfg).to(device)
     sae.init_from(x)
     steps = max(1, math.ceil(run.epochs * len(x) / run.batch_size))
 
@@ -339,7 +343,9 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
     ensure_ray(job.resources.ray_address, job.resources.workers)
     ckpt = {run.name: str(checkpoint_path(job.atlas, run, fp)) for run in dcfg.sae}
     (scratch_dir(job.atlas) / "dictionaries").mkdir(parents=True, exist_ok=True)
-    sae_refs = {run.name: _train_sae.options(**worker_env()).remote(job.atlas, model, layer, run, ckpt[run.name])
+    opts, device = placement(job.resources)
+    sae_refs = {run.name: _train_sae.options(**opts).remote(job.atlas, model, layer, run,
+                                                            ckpt[run.name], device)
                 for run in dcfg.sae if run.source == "sample"}  # fmt: skip
     # a streamed run the record stage already trained (sharing its pass) just loads here
     streamed = {run.name: train_sae_streamed(job, model, layer, run, ckpt[run.name], x,

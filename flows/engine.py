@@ -390,7 +390,8 @@ def placeable(n: int, gpus: bool, scale_down: bool) -> int:
         return n
     if scale_down and have >= 1:
         logging.getLogger("neuronmap").warning(
-            "the Ray cluster has %d %ss: running %d workers instead of %d", have, kind, have, n)
+            "the Ray cluster has %d %ss: running %d workers instead of %d", have, kind, have, n
+        )
         return have
     raise ConfigError(
         f"field 'resources.workers': {n} workers need {n} {kind}s but the Ray cluster has "
@@ -418,15 +419,28 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
             ray.kill(a)
 
 
+def use_gpus(resources: ResourcesConfig) -> bool:
+    """Whether workers take a GPU each: ``resources.gpus``, where "auto" = the Ray cluster
+    has GPUs (Ray must be up)."""
+    if resources.gpus == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(resources.gpus)
+
+
+def placement(resources: ResourcesConfig) -> tuple[dict[str, Any], str]:
+    """Ray options and device of a one-off worker task or actor (SAE training, SNMF): one
+    GPU where workers take GPUs, else one CPU."""
+    gpus = use_gpus(resources)
+    return {"num_cpus": 1, "num_gpus": 1 if gpus else 0, **worker_env()}, "cuda" if gpus else "cpu"
+
+
 def start_workers(stage: Stage, atlas_path: str, items: int, resources: ResourcesConfig
                   ) -> list[Any]:  # fmt: skip
     """Start ``min(resources.workers, items)`` :class:`PassWorker` actors (checked against the
     cluster) and wait until their models are loaded; a setup error is raised as itself."""
     ensure_ray(resources.ray_address, resources.workers)
-    gpus = resources.gpus
-    if gpus == "auto":
-        gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    n = placeable(max(1, min(resources.workers, items)), bool(gpus), resources.scale_down)
+    gpus = use_gpus(resources)
+    n = placeable(max(1, min(resources.workers, items)), gpus, resources.scale_down)
     opts: dict[str, Any] = {
         # Ray restarts a crashed worker where it fits; its shards are not retried on it (that
         # would wait for a restart that a smaller cluster may never place): the pool sends
@@ -663,7 +677,8 @@ def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: R
             send(s, "end")
             return
         due = (span.every_shards is not None and s.since_ckpt >= span.every_shards) or (
-            span.every_s is not None and time.monotonic() - s.ckpt_t >= span.every_s)
+            span.every_s is not None and time.monotonic() - s.ckpt_t >= span.every_s
+        )
         if due and s.since_ckpt:
             send(s, "checkpoint", s.cursor)
         else:

@@ -13,28 +13,40 @@ import ray
 import torch
 
 from flows.config import JobConfig, SNMFRunConfig
-from flows.engine import ensure_ray, get, worker_env
+from flows.engine import ensure_ray, get, placement
 from ops import snmf as snmf_ops
 from storage.atlas import Atlas
 
 
+def _to(x: Any, device: torch.device | str) -> Any:
+    """Tensors in ``x`` (nested in lists/tuples) moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, list | tuple):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
 @ray.remote
 class SNMFWorker:
-    """Holds some shards' sample rows (as ``A_s [d, T_s]``) and their ``Y_s``."""
+    """Holds some shards' sample rows (as ``A_s [d, T_s]``) and their ``Y_s`` on its device
+    (its GPU where workers take GPUs); it reads only its own shards' rows. Only ``[d, k]``-
+    sized data crosses to the driver, on the host."""
 
     def __init__(self, atlas_path: str, model: str, layer: int, shards: list[int],
-                 cfg: snmf_ops.SNMFConfig, threads: int | None = 1):  # fmt: skip
-        if threads:
-            torch.set_num_threads(threads)
+                 cfg: snmf_ops.SNMFConfig, device: str = "cpu"):  # fmt: skip
+        if device == "cpu":
+            torch.set_num_threads(1)
+        self.device = torch.device(device)
         atlas = Atlas.open(atlas_path)
-        keep = set(shards)
-        self.parts = {s: torch.from_numpy(a.T.copy()) for s, a, _ in
-                      atlas.sample(model, layer) if s in keep}  # fmt: skip
+        self.parts = {s: torch.from_numpy(a.T.copy()).to(self.device)
+                      for s, a, _ in atlas.sample(model, layer, shards)}  # fmt: skip
         self.local = snmf_ops.LocalShards(list(self.parts.values()), cfg)
         self.order = list(self.parts)
 
     def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.local, method)(*args)
+        out = getattr(self.local, method)(*_to(args, self.device))
+        return _to(out, "cpu")
 
 
 class RayShards:
@@ -81,12 +93,12 @@ def fit_snmf_on_ray(job: JobConfig, model: str, layer: int, run: SNMFRunConfig,
                     atlas: Atlas) -> snmf_ops.SNMFResult:  # fmt: skip
     """SNMF with the tokens spread over ``resources.workers`` actors (shard-aligned)."""
     cfg = run.snmf_config()
-    shards = atlas.sample(model, layer)
+    counts = atlas.sample_counts()
     ensure_ray(job.resources.ray_address, job.resources.workers)
-    groups = [g.tolist() for g in np.array_split(np.array([s for s, _, _ in shards]),
-                                                 min(job.resources.workers, len(shards)))]  # fmt: skip
-    counts = {s: len(p) for s, _, p in shards}
-    actors = [SNMFWorker.options(num_cpus=1, **worker_env()).remote(job.atlas, model, layer, g, cfg)
+    groups = [g.tolist() for g in np.array_split(np.array(sorted(counts)),
+                                                 min(job.resources.workers, len(counts)))]  # fmt: skip
+    opts, device = placement(job.resources)
+    actors = [SNMFWorker.options(**opts).remote(job.atlas, model, layer, g, cfg, device)
               for g in groups]  # fmt: skip
     try:
         backend = RayShards(actors, [sum(counts[s] for s in g) for g in groups])

@@ -240,19 +240,31 @@ class Atlas:
         return lg[str(layer)]
 
     @routed
-    def sample(self, model: str, layer: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def sample(self, model: str, layer: int, shards: Iterable[int] | None = None
+               ) -> list[tuple[int, np.ndarray, np.ndarray]]:  # fmt: skip
         """The stored activation sample of a layer by shard: ``(shard, activations [T_s, d]
-        float32, flat corpus positions [T_s])`` for every shard that has sample rows."""
+        float32, flat corpus positions [T_s])`` for every shard that has sample rows, or for
+        those of ``shards`` (only their rows are read: a worker holding some shards does not
+        load the whole sample)."""
         arr = self.layer_group(model, layer)["sample"]
         pos = self.corpus["sample_positions"][...]
         per = self.sample_rows_per_shard()
+        want = range(len(self.shard_ranges())) if shards is None else sorted(set(shards))
         out = []
-        for s in range(len(self.shard_ranges())):
+        for s in want:
             p = pos[s * per : (s + 1) * per]
             ok = p >= 0
             if ok.any():
                 out.append((s, arr[s * per : (s + 1) * per][ok].astype(np.float32), p[ok]))
         return out
+
+    def sample_counts(self) -> dict[int, int]:
+        """Sample rows of every shard that has some (the same for every sampled layer)."""
+        pos = self.corpus["sample_positions"][...]
+        per = self.sample_rows_per_shard()
+        n = len(self.shard_ranges())
+        counts = (pos[: n * per].reshape(n, per) >= 0).sum(1) if per else np.zeros(0, np.int64)
+        return {int(s): int(c) for s, c in enumerate(counts) if c}
 
     # ------------------------------------------------------------------ neurons
 
@@ -438,10 +450,14 @@ class Atlas:
         props = self.props(model, layer)
         if "top_suppressed" in props and toks:
             # the seed paper's weight view: does W_out remove the trigger from the stream?
-            rec["suppresses_trigger"] = bool(int(t["tok_items"][i][0]) in props["top_suppressed"][i])
+            rec["suppresses_trigger"] = bool(
+                int(t["tok_items"][i][0]) in props["top_suppressed"][i]
+            )
         rec["positions"] = [float(x) for x in t["pos_rate"][i]]
         rec["source"] = names[int(t["source_favoured"][i])] if names else None
-        rec["source_rates"] = {n: float(r) for n, r in zip(names, t["source_rate"][i], strict=False)}
+        rec["source_rates"] = {
+            n: float(r) for n, r in zip(names, t["source_rate"][i], strict=False)
+        }
         return rec
 
     @routed

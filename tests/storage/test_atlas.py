@@ -454,6 +454,22 @@ def test_write_sample_writes_exactly_one_shard(rw: Atlas) -> None:
     np.testing.assert_array_equal(sample, np.concatenate([rows[::-1], rows]).astype(np.float16))
 
 
+def test_sample_by_shard_reads_only_the_shards_asked_for(rw: Atlas) -> None:
+    got = rw.sample(MODEL, 1)
+    assert [s for s, _, _ in got] == [0, 1]
+    for s, x, pos in got:
+        np.testing.assert_array_equal(x, SAMPLE_ROWS[s].astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(pos, SAMPLE_POSITIONS[2 * s : 2 * s + 2])
+    assert rw.sample_counts() == {0: 2, 1: 2}
+    # INCOMPLETE has only shard 1's rows: asking for it alone never touches shard 0's chunk
+    rw.write_sample(INCOMPLETE, 1, 1, SAMPLE_ROWS[1])
+    ro = Atlas.open(rw.path)
+    [(s, x, _)] = ro.sample(INCOMPLETE, 1, shards=[1])
+    assert s == 1 and x.shape == (2, D_MLP)
+    with pytest.raises(ChunkError):
+        ro.sample(INCOMPLETE, 1)
+
+
 def test_write_layer_stats_overwrites(rw: Atlas) -> None:
     new = {k: v.copy() for k, v in STATS[0].items()}
     new["mean"] = np.array([9.0, 8.0, 7.0])
