@@ -23,6 +23,18 @@ def key_of(x, p, m):
 
 
 @triton.jit
+def load_tile(act, stride, rows, pos, start, n_rows, cols, cmask, SUB: tl.constexpr):
+    """Batch rows ``start .. start + SUB`` (gathered by row index, no copy of the batch) as
+    float32 ``[SUB, BLOCK]``, their mask, and their positions ``[SUB, 1]``."""
+    t = start + tl.arange(0, SUB)
+    tmask = t < n_rows
+    m = tmask[:, None] & cmask[None, :]
+    row = tl.load(rows + t, mask=tmask, other=0)
+    x = tl.load(act + row[:, None] * stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    return x, m, tl.load(pos + t, mask=tmask, other=0)[:, None]
+
+
+@triton.jit
 def stats_kernel(
     act, stride, rows, pos, n_rows, d, shift,
     psum, pmin, pmax, pnpos,
@@ -45,12 +57,7 @@ def stats_kernel(
     npos = tl.zeros([BLOCK], tl.int32)
     ncand = tl.zeros([BLOCK], tl.int32)
     for s in range(0, CHUNK, SUB):
-        t = r * CHUNK + s + tl.arange(0, SUB)
-        tmask = t < n_rows
-        m = tmask[:, None] & cmask[None, :]
-        row = tl.load(rows + t, mask=tmask, other=0)
-        x = tl.load(act + row[:, None] * stride + cols[None, :], mask=m, other=0.0)
-        x = x.to(tl.float32)
+        x, m, p = load_tile(act, stride, rows, pos, r * CHUNK + s, n_rows, cols, cmask, SUB)
         c = tl.where(m, x.to(tl.float64) - sh[None, :], 0.0)
         c2 = c * c
         s1 += tl.sum(c, 0)
@@ -66,7 +73,7 @@ def stats_kernel(
         q = tl.minimum(tl.maximum(q, 0), half - 1)
         b = tl.where(x < 0, half - 1 - q, half + q)
         tl.atomic_add(hist + cols[None, :].to(tl.int64) * BINS + b, 1, mask=m, sem="relaxed")
-        key = key_of(x, tl.load(pos + t, mask=tmask, other=0)[:, None], m)
+        key = key_of(x, p, m)
         ncand += tl.sum((key > kth[None, :]).to(tl.int32), 0)
     # the chunk's candidates, largest first: one round per slot while any neuron has more
     most = tl.max(ncand, 0)
@@ -76,12 +83,9 @@ def stats_kernel(
         best = tl.full([BLOCK], EMPTY, tl.int64)
         if i < most:
             for s in range(0, CHUNK, SUB):
-                t = r * CHUNK + s + tl.arange(0, SUB)
-                tmask = t < n_rows
-                m = tmask[:, None] & cmask[None, :]
-                row = tl.load(rows + t, mask=tmask, other=0)
-                x = tl.load(act + row[:, None] * stride + cols[None, :], mask=m, other=0.0)
-                key = key_of(x.to(tl.float32), tl.load(pos + t, mask=tmask, other=0)[:, None], m)
+                x, m, p = load_tile(act, stride, rows, pos, r * CHUNK + s, n_rows, cols, cmask,
+                                    SUB)  # fmt: skip
+                key = key_of(x, p, m)
                 ok = (key > kth[None, :]) & (key < prev[None, :])
                 best = tl.maximum(best, tl.max(tl.where(ok, key, EMPTY), 0))
         tl.store(out + i, best, mask=cmask)

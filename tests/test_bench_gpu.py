@@ -3,7 +3,6 @@ its figures agree with each other, and it imports nothing a bare GPU machine lac
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.sae import ARCHITECTURES
+from tests.test_layering import imported_roots
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.py"
@@ -79,21 +79,11 @@ def test_comoment_figures(run: tuple[dict, str]) -> None:
     assert close(co["update_over_gemm"], co["gemm_s"] / co["update_s"])
 
 
-def _imported_roots(path: Path) -> set[str]:
-    roots = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
 def test_runs_on_a_bare_gpu_machine(run: tuple[dict, str]) -> None:
     """No Ray, Prefect, Zarr, dask, flows or storage: neither in the source of the script and
     the bench modules it uses, nor among the modules the run imported."""
     for f in (SCRIPT, ROOT / "bench" / "universality.py"):
-        assert _imported_roots(f) & FORBIDDEN == set(), f
+        assert imported_roots(f) & FORBIDDEN == set(), f
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
                 for line in run[1].splitlines() if line.startswith("import time:")}  # fmt: skip
     assert "ops" in imported and "torch" in imported  # the log is what we think it is
