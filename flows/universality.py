@@ -27,7 +27,7 @@ import torch
 from prefect import get_run_logger, task
 
 from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
-from flows.engine import Ledger, Shard, Span, Stage, Unit, ensure_ray, run_units
+from flows.engine import Ledger, Shard, Span, Stage, Unit, ensure_ray, run_units, use_gpus
 from flows.record import note_speed, record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments, FamilyMoments, merge_comoments
@@ -131,7 +131,9 @@ def _close_layers(ctx: Shard, unit: Unit, held: _Held) -> dict:
     return {}
 
 
-def _merge_layers(shapes: Shapes, n_units: int, atlas: Store) -> dict[tuple[int, int], LayerMoments]:
+def _merge_layers(
+    shapes: Shapes, n_units: int, atlas: Store
+) -> dict[tuple[int, int], LayerMoments]:
     """Per (model, position): the ranges' co-moments merged in range order, then the one
     ``d³`` rotation product; persisted for the pair workers."""
     fields = ("n", "mean_a", "mean_b", "m2_a", "m2_b", "c")
@@ -164,7 +166,9 @@ def _close_pairs(shapes: Shapes, tile_ids: dict, ctx: Shard, unit: Unit, held: _
     own = _read_layers(ctx.atlas, shapes)
 
     def rot(m: int, p: int) -> torch.Tensor:  # made on demand: each is d² floats
-        return rotation(shapes.d[m], rotation_seed(shapes.seed, shapes.names[m], shapes.layers[m][p]))
+        return rotation(
+            shapes.d[m], rotation_seed(shapes.seed, shapes.names[m], shapes.layers[m][p])
+        )
 
     for tile in held.acc.tiles:
         a, b = shapes.names[tile.a], shapes.names[tile.b]
@@ -243,9 +247,7 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
         return {"skipped": True, **stored}
     res = job.resources
     ensure_ray(res.ray_address, res.workers)
-    import ray
-
-    gpus = res.gpus is True or (res.gpus == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    gpus = use_gpus(res)
     names = [m.name for m in models]
     the_plan = plan(layers, d, res.workers, default_budget(cfg.memory_gb, res.workers, gpus),
                     flush=gpus)  # fmt: skip
@@ -365,7 +367,9 @@ def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
         raise JobConfigError("a family is recorded and compared over all of its layers")
     r = job.record
     at = Atlas.open(job.atlas)
-    key = job.fingerprint("family", cfg.model_dump_json(), *(at.data_key(p["fingerprint"]) for p in preps))
+    key = job.fingerprint(
+        "family", cfg.model_dump_json(), *(at.data_key(p["fingerprint"]) for p in preps)
+    )
     stats = (partial(_family_consumers, r.topk, hist_spec(r.hist_bins, r.hist_min, r.hist_max)),
              partial(_family_persist, [m.name for m in models]))  # fmt: skip
     recorded = all(Store.open(job.atlas).model_group(m.name).attrs.get("complete") for m in models)
@@ -376,7 +380,9 @@ def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
         # opened now: a group opened before correlate() wrote its attributes would write
         # its stale copy of them back
         atlas = Store.open(job.atlas)
-        rows = {m.name: record_merge(job, m, prep, atlas) for m, prep in zip(models, preps, strict=True)}
+        rows = {
+            m.name: record_merge(job, m, prep, atlas) for m, prep in zip(models, preps, strict=True)
+        }
         for m in models:
             atlas.drop_partials(m.name)
         note_speed(job.atlas, models, {"accounting": out.get("first_pass")})
@@ -403,5 +409,3 @@ def _log(out: dict) -> None:
         return
     get_run_logger().info("universal neurons: %.2f%% (mean max corr %.3f, rotation baseline %.3f)",
                           100 * out["universal_frac"], out["mean_max_corr"], out["baseline"])  # fmt: skip
-
-
