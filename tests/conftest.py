@@ -1,7 +1,10 @@
-"""Session-wide fixtures: one real Ray cluster, one Prefect test harness, a tiny model dir.
+"""Session-wide fixtures: one real Ray cluster, one Prefect test harness, a tiny model dir,
+and the tiny jobs' atlases that several test modules compare against.
 
 Starting Ray (~4 s) and the Prefect harness (~16 s) once per session keeps the suite fast;
-every flow test runs the real components.
+every flow test runs the real components. A tiny job costs ~30-50 s on 2 cores (mostly
+Ray worker start-up: every stage starts its actors, each importing torch and transformers),
+so an atlas that more than one module only reads is mapped once per session here.
 """
 
 from __future__ import annotations
@@ -85,3 +88,29 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness) -> Path:
+    """test_pipeline's tiny job (default taxonomy, weight properties) mapped once: test_pipeline
+    checks it against numpy, test_object_store compares its S3 atlas with it. Tests may rerun
+    the job on it (a no-op) but change no array: a test that changes an atlas works on a copy."""
+    from tests.flows.test_pipeline import _job, _run
+
+    path = tmp_path_factory.mktemp("atlas") / "a.zarr"
+    out = _run(_job(path, tiny_model_dir))
+    assert out["models"][0]["tokens"] > 2000
+    return path
+
+
+@pytest.fixture(scope="session")
+def one_node(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness) -> Path:
+    """test_cluster's tiny job mapped on the session's one-node Ray: the atlas that the
+    two-node runs (test_cluster) and the ``ray`` CLI cluster's runs (test_ray_jobs) must
+    equal bit for bit. Read only."""
+    from tests.flows.test_cluster import _job
+    from tests.flows.test_pipeline import _run
+
+    path = tmp_path_factory.mktemp("one-node") / "a.zarr"
+    _run(_job(path, tiny_model_dir))
+    return path

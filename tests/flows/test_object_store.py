@@ -67,11 +67,18 @@ def s3_atlas(s3, tiny_model_dir, ray_cluster, prefect_harness) -> str:
     return url
 
 
-def test_s3_atlas_equals_the_local_one(s3_atlas: str, tiny_model_dir: Path,
-                                       tmp_path: Path) -> None:  # fmt: skip
-    local = tmp_path / "local.zarr"
-    _run(_job(local, tiny_model_dir))
-    a, b = _arrays(local), _arrays(s3_atlas)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def s3_arrays(s3_atlas: str) -> dict[str, bytes]:
+    """Every array of the S3 atlas as its job left it, read once (~10 s through moto): no test
+    here may change them, and the tests that check so compare with this."""
+    return _arrays(s3_atlas)  # type: ignore[arg-type]
+
+
+def test_s3_atlas_equals_the_local_one(tiny_atlas: Path, s3_arrays: dict[str, bytes]) -> None:
+    # the same job mapped into a local directory: the session's (tests/conftest.py), which
+    # test_pipeline checks against numpy (session-scoped, so made before this module's S3
+    # settings are in the environment)
+    a, b = _arrays(tiny_atlas), s3_arrays
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
 
 
@@ -88,21 +95,22 @@ def test_query_and_verify_on_s3(s3_atlas: str, capsys: pytest.CaptureFixture[str
     assert json.loads(capsys.readouterr().out)["ok"]
 
 
-def test_rerun_and_resume_do_nothing(s3_atlas: str, tiny_model_dir: Path) -> None:
-    before = _arrays(s3_atlas)  # type: ignore[arg-type]
+def test_rerun_and_resume_do_nothing(s3_atlas: str, s3_arrays: dict[str, bytes],
+                                    tiny_model_dir: Path) -> None:  # fmt: skip
     assert _run(_job(s3_atlas, tiny_model_dir))["models"][0]["tokens"] == 0
     assert _run(_job(s3_atlas, tiny_model_dir), resume=True)["models"][0]["tokens"] == 0
-    assert _arrays(s3_atlas) == before  # type: ignore[arg-type]
+    assert _arrays(s3_atlas) == s3_arrays  # type: ignore[arg-type]
 
 
-def test_overwrite_on_s3_is_refused_and_the_atlas_kept(s3_atlas: str, tiny_model_dir: Path) -> None:
+def test_overwrite_on_s3_is_refused_and_the_atlas_kept(
+    s3_atlas: str, s3_arrays: dict[str, bytes], tiny_model_dir: Path
+) -> None:
     """No atomic rename on an object store: --overwrite could not swap a new atlas in safely."""
     from storage.atlas import AtlasError
 
-    before = _arrays(s3_atlas)  # type: ignore[arg-type]
     with pytest.raises(AtlasError, match="no atomic rename"):
         _run(_job(s3_atlas, tiny_model_dir), overwrite=True)
-    assert _arrays(s3_atlas) == before  # type: ignore[arg-type]
+    assert _arrays(s3_atlas) == s3_arrays  # type: ignore[arg-type]
 
 
 def test_foreign_prefix_is_refused_and_kept(s3, tiny_model_dir: Path) -> None:

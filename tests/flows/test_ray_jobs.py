@@ -31,7 +31,6 @@ import yaml
 
 from storage.atlas import Atlas
 from tests.flows.test_cluster import _job, _same_atlas
-from tests.flows.test_pipeline import _run
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -161,11 +160,8 @@ def cli_cluster(tmp_path_factory, prefect_harness):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness) -> Path:
-    path = tmp_path_factory.mktemp("one-node") / "a.zarr"
-    _run(_job(path, tiny_model_dir))
-    return path
+# one_node (tests/conftest.py): the job below mapped on the session's one-node Ray, shared
+# with test_cluster
 
 
 def _job_file(cluster: dict, name: str, model: Path) -> tuple[Path, Path]:

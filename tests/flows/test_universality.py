@@ -11,6 +11,11 @@ import torch
 from flows.config import parse_job
 from storage.atlas import Atlas
 
+# No test here looks at the neuron taxonomy: a fixed firing threshold instead of the default
+# per-neuron quantile (SwiGLU, GELU) spares every job a probe of shard 0 per model, each a Ray
+# stage of its own (~10 s of worker start-up on 2 cores). The counters still run.
+NO_PROBE = {"threshold": 0.0}
+
 
 def _permuted_copy(src: Path, dst: Path, seed: int) -> np.ndarray:
     """A copy whose MLP neurons are permuted per layer: same function, neurons relabelled."""
@@ -53,7 +58,7 @@ def uni_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
         "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"},
                    {"name": "perm", "source": str(root / "perm"), "dtype": "float32"},
                    {"name": "other", "source": str(root / "other"), "dtype": "float32"}],
-        "record": {"topk": 4, "hist_bins": 16, "batch_size": 8},
+        "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "taxonomy": NO_PROBE},
         "universality": {"models": ["base", "perm", "other"], "keep_full": True, "threshold": 0.2},
         "resources": {"workers": 2},
     })  # fmt: skip
@@ -179,7 +184,7 @@ def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_har
         "atlas": str(tmp_path / "a.zarr"),
         "corpus": {"seq_len": 24, "max_tokens": 1500, "shard_sequences": 32},
         "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"}],
-        "record": {"topk": 4, "hist_bins": 16, "properties": False},
+        "record": {"topk": 4, "hist_bins": 16, "properties": False, "taxonomy": NO_PROBE},
         "seeds": {"name": "fam", "count": 2, "layers": 1, "d_model": 32, "d_mlp": 64,
                   "n_heads": 2, "vocab_size": 320, "seq_len": 24, "train_tokens": 20000},
         "resources": {"workers": 2},
@@ -257,7 +262,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_one_worker_agrees_with_two(
         "corpus": {"seq_len": 24, "max_tokens": 2000, "shard_sequences": 6},
         "models": [{"name": "base", "source": str(tiny_model_dir), "dtype": "float32"},
                    {"name": "perm", "source": str(root / "perm"), "dtype": "float32"}],
-        "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "properties": False},
+        "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "properties": False,
+                   "taxonomy": NO_PROBE},
         "universality": {"models": ["base", "perm"], "threshold": 0.2, "checkpoint_shards": 1},
         "resources": {"workers": 1},
     }  # fmt: skip
