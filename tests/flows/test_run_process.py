@@ -27,10 +27,7 @@ def _job(tmp: Path, model: Path, max_tokens: int = 300) -> tuple[str, Path]:
         "corpus": {"source": "bundled", "seq_len": 16, "max_tokens": max_tokens,
                    "shard_sequences": 8},
         "models": [{"name": "tiny", "source": str(model), "dtype": "float32"}],
-        # a fixed firing threshold: the default quantile would probe shard 0 in a Ray stage
-        # of its own before recording (nothing here looks at the taxonomy)
-        "record": {"topk": 4, "hist_bins": 16, "hist_max": 10.0, "properties": False,
-                   "taxonomy": {"threshold": 0.0}},
+        "record": {"topk": 4, "hist_bins": 16, "hist_max": 10.0, "properties": False},
         "resources": {"workers": 1},
     }  # fmt: skip
     path = tmp / "job.yaml"
