@@ -265,6 +265,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {st['stage']:<26} {st['tokens']:>12,} tokens {st['forward_passes']:>7,} "
                   f"forwards {st['seconds']:>8.1f} s {st['tokens_per_s']:>10,.0f} tok/s  "
                   f"{len(st['workers'])} workers  {ppt}")  # fmt: skip
+        for w in last.get("model_loads", []):
+            loads = ", ".join(f"{m} x{n}" for m, n in w["model_loads"].items()) or "no model"
+            print(f"  worker {w.get('host')}/{w.get('pid')} {w.get('device')}: loaded {loads}")
     return 0
 
 

@@ -193,7 +193,19 @@ class RecordConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    workers: int = Field(2, ge=1, description="Ray model-worker actors (one GPU each if any).")
+    backend: Literal["ray", "local"] = Field(
+        "ray",
+        description="Where the job's workers run: 'ray' (actors on a local Ray instance or "
+        "the cluster at ray_address) or 'local' (this process, no Ray: one worker, the same "
+        "numbers bit for bit; for small jobs, debugging and tests).",
+    )
+    workers: int = Field(2, ge=1, description="Ray model-worker actors (one GPU each if any); "
+                         "they live for the whole job and keep the models they load.")  # fmt: skip
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Modules imported by the driver and by every worker before any model "
+        "loads (e.g. one that calls ops.models.register_arch for a new family).",
+    )
     gpus: Literal["auto"] | bool = Field(
         "auto", description="Put workers on GPUs: auto = when Ray sees GPUs."
     )

@@ -26,25 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import DictionariesConfig, JobConfig, SAERunConfig
-from flows.engine import (
-    Accounting,
-    Ledger,
-    Shard,
-    Stage,
-    ensure_ray,
-    get,
-    placement,
-    run_stage,
-    stream_stage,
-    worker_env,
-)
-from flows.snmf import fit_snmf_on_ray
+from flows.engine import Accounting, Ledger, run_stage, stream_stage
+from flows.runtime import get, runtime_for
+from flows.snmf import fit_snmf
+from flows.stage import Shard, Stage
 from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
 from ops import sae as sae_ops
@@ -89,11 +79,10 @@ def log_every(steps: int) -> int:
     return max(1, min(100, steps // 20))
 
 
-@ray.remote
 def _train_sae(atlas_path: str, model: str, layer: int, run: SAERunConfig, ckpt: str,
                device: str = "cpu") -> dict:  # fmt: skip
-    """Train one SAE on the stored sample, on ``device`` (the task's GPU where workers take
-    GPUs; batches go up as they are drawn)."""
+    """Train one SAE on the stored sample, on ``device`` (the job worker's: its GPU where
+    workers take GPUs; batches go up as they are drawn)."""
     torch.set_num_threads(os.cpu_count() or 1)
     atlas = Atlas.open(atlas_path)
     shards = atlas.sample(model, layer)
@@ -278,7 +267,6 @@ def sample_feature_stats(encode: Any, x: torch.Tensor, positions: np.ndarray,
 # ------------------------------------------------------------------ model-side measures
 
 
-@ray.remote(num_cpus=1)
 def _model_measures(job: JobConfig, dcfg: DictionariesConfig, directions: dict[str, np.ndarray],
                     saes: dict[str, dict], steer_dirs: dict[str, np.ndarray]) -> dict:  # fmt: skip
     """Logit lens of every feature direction, CE loss recovered for every SAE, and steering
@@ -340,18 +328,27 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
     shards = atlas.sample(model, layer)
     x = torch.from_numpy(np.concatenate([a for _, a, _ in shards]))
     positions = np.concatenate([p for _, _, p in shards])
-    ensure_ray(job.resources.ray_address, job.resources.workers)
     ckpt = {run.name: str(checkpoint_path(job.atlas, run, fp)) for run in dcfg.sae}
     (scratch_dir(job.atlas) / "dictionaries").mkdir(parents=True, exist_ok=True)
-    opts, device = placement(job.resources)
-    sae_refs = {run.name: _train_sae.options(**opts).remote(job.atlas, model, layer, run,
-                                                            ckpt[run.name], device)
+    with runtime_for(job.resources) as rt:
+        return _learn(rt, job, dcfg, ledger, fp, baseline, x, positions, ckpt)
+
+
+def _learn(rt: Any, job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger | None, fp: str,
+           baseline: dict, x: torch.Tensor, positions: np.ndarray, ckpt: dict[str, str]
+           ) -> dict:  # fmt: skip
+    log = get_run_logger()
+    atlas = Store.open(job.atlas)
+    model, layer, steering = dcfg.model, dcfg.layer, dcfg.steering
+    # sample-trained SAEs on the job's workers (one each, round robin) while the driver
+    # streams and factorises
+    sae_refs = {run.name: rt.call_async(_train_sae, job.atlas, model, layer, run, ckpt[run.name])
                 for run in dcfg.sae if run.source == "sample"}  # fmt: skip
     # a streamed run the record stage already trained (sharing its pass) just loads here
     streamed = {run.name: train_sae_streamed(job, model, layer, run, ckpt[run.name], x,
                                              ledger=ledger)
                 for run in dcfg.sae if run.source == "stream"}  # fmt: skip
-    snmf = {run.name: fit_snmf_on_ray(job, model, layer, run, atlas) for run in dcfg.snmf}
+    snmf = {run.name: fit_snmf(rt, job, model, layer, run, atlas) for run in dcfg.snmf}
     saes = {name: get(ref) for name, ref in sae_refs.items()} | streamed
 
     # feature activations -> neuron-style statistics, over the corpus (default) or the sample
@@ -375,8 +372,8 @@ def learn_dictionaries(job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger 
             for i in np.argsort(-st["mean"], kind="stable")[: steering.features]:
                 steer_dirs[steering_key(method, run, int(i))] = dirs[key][int(i)]
     acct = Accounting("dictionaries/measures", corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
-    measures = get(_model_measures.options(**worker_env()).remote(
-        job, dcfg, dirs, {f"sae/{n}": s for n, s in saes.items()}, steer_dirs))  # fmt: skip
+    measures = rt.call(_model_measures, job, dcfg, dirs, {f"sae/{n}": s for n, s in saes.items()},
+                       steer_dirs)  # fmt: skip
     acct.add(measures.pop("cost"))
     if ledger is not None:
         ledger.record(acct.to_dict())

@@ -21,6 +21,7 @@ one shard by shard. Arrays never travel through Prefect: tasks pass paths and su
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -36,6 +37,7 @@ from flows.local_server import install as install_local_server
 from flows.preflight import preflight
 from flows.prepare import prepare_corpus, prepare_model, staging_path, swap_in
 from flows.record import model_properties, record_model
+from flows.runtime import Runtime, runtime_for
 from flows.seeds import train_seeds
 from flows.universality import record_family, universality
 from ops.configs import TAXONOMY_KINDS as KINDS
@@ -138,7 +140,9 @@ def map_neurons(job: JobConfig, resume: bool = False, overwrite: bool = False) -
     """
     preflight(job, resume=resume, overwrite=overwrite)  # the CLI ran it already: cheap
     label = f"{', '.join(m.name for m in job.models)} on {job.corpus.source}"
-    with Lease(job.atlas, job=label):  # before the first write; the staging copy included
+    # the runtime first: a cluster that does not answer or cannot place the workers fails
+    # before anything is written
+    with Runtime(job.resources), Lease(job.atlas, job=label):  # the staging copy included
         return _replace_or_map(job, resume, overwrite)
 
 
@@ -164,14 +168,27 @@ def _replace_or_map(job: JobConfig, resume: bool, overwrite: bool) -> dict:
 
 
 def _map(job: JobConfig, resume: bool, overwrite: bool) -> dict:
-    """The stages of :func:`map_neurons`, in order, into ``job.atlas``."""
-    t0 = time.perf_counter()
+    """The stages of :func:`map_neurons`, in order, into ``job.atlas``, on one runtime: the
+    job's workers start once and keep their models from the first stage to the last."""
     ledger = Ledger(job.atlas, uuid.uuid4().hex[:12])
+    with runtime_for(job.resources) as rt:
+        rt.workers()  # started (placed, plugins imported) before the first stage writes
+        try:
+            return _stages(job, resume, overwrite, ledger)
+        finally:
+            loads = rt.model_loads()
+            if loads and Atlas.exists(job.atlas):
+                with contextlib.suppress(Exception):  # never hides the job's own error
+                    Store.open(job.atlas).record_model_loads(ledger.run, loads)
+
+
+def _stages(job: JobConfig, resume: bool, overwrite: bool, ledger: Ledger) -> dict:
+    t0 = time.perf_counter()
     corpus, rows = _map_models(job, ledger, resume, overwrite)
     uni = None
     if job.seeds is not None:
         fam = train_seeds(job.seeds, texts_source=job.corpus.source, subsets=job.corpus.subsets,
-                          ray_address=job.resources.ray_address, ledger=ledger)  # fmt: skip
+                          resources=job.resources, ledger=ledger)  # fmt: skip
         fjob = family_job(job, fam["models"])
         Store.open(job.atlas).ensure_families_group()
         ucfg = job.universality or UniversalityConfig(family=job.seeds.name)

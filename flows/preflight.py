@@ -17,6 +17,7 @@ from pathlib import Path
 
 import flows
 from flows.config import JobConfig, JobConfigError, ModelConfig
+from flows.plugins import check_plugins
 from ops.corpus import BUNDLED_SOURCES, check_corpus
 from ops.plan import Plan, default_budget, plan
 from ops.sources import check_source, mlp_width, n_layers
@@ -31,6 +32,7 @@ def preflight(job: JobConfig, resume: bool = False, overwrite: bool = False) -> 
     ``AtlasError``) that a run of ``job`` would otherwise meet only after start-up."""
     if resume and overwrite:
         raise JobConfigError("--resume and --overwrite contradict each other; pick one")
+    check_plugins(job.resources.plugins)
     check_location(job.atlas)
     check_free(job.atlas)
     check_atlas(job, resume, overwrite)

@@ -11,22 +11,13 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import ray
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
 from flows.config import JobConfig, ModelConfig, SAERunConfig
-from flows.engine import (
-    Build,
-    Ledger,
-    Shard,
-    Stage,
-    StageRun,
-    ensure_ray,
-    get,
-    run_stage,
-    worker_env,
-)
+from flows.engine import Ledger, StageRun, run_stage
+from flows.runtime import runtime_for
+from flows.stage import Build, Shard, Stage
 from flows.tasks import TASK
 from flows.taxonomy import (
     PREFIX,
@@ -223,15 +214,15 @@ def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger 
     return out
 
 
-@ray.remote(num_cpus=1)
 def _properties(source: str, revision: str | None, layers: list[int], top: int) -> dict:
-    """Weight-derived properties of every layer, computed where the model can be loaded."""
+    """Weight-derived properties of every layer, computed on a job worker (in float32, on
+    the CPU: one more load of the model, whatever dtype the worker records in)."""
     import torch
 
     from ops.models import load_model
     from ops.props import label_neurons, neuron_properties, unembedding
 
-    torch.set_num_threads(os.cpu_count() or 1)  # runs alone: the record workers are gone
+    torch.set_num_threads(os.cpu_count() or 1)  # runs alone: no stage runs meanwhile
     lm = load_model(source, dtype="float32", device="cpu", revision=revision, with_tokenizer=False)
     w_u = unembedding(lm.model)
     out = {}
@@ -247,11 +238,9 @@ def model_properties(job: JobConfig, model: ModelConfig, prep: dict) -> dict:
     atlas = Store.open(job.atlas)
     if not job.record.properties or atlas.model_attrs(model.name).get("props_complete"):
         return {}
-    ensure_ray(job.resources.ray_address, job.resources.workers)
-    ref = _properties.options(**worker_env()).remote(
-        model.source, model.revision, prep["layers"], job.record.top_tokens
-    )
-    per_layer = get(ref)
+    with runtime_for(job.resources) as rt:
+        per_layer = rt.call(_properties, model.source, model.revision, prep["layers"],
+                            job.record.top_tokens)  # fmt: skip
     counts = {}
     for layer, arrays in per_layer.items():
         atlas.write_props(model.name, layer, arrays)

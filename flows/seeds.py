@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.config import SeedsConfig
-from flows.engine import Accounting, Ledger, bounded, ensure_ray
+from flows.config import ResourcesConfig, SeedsConfig
+from flows.engine import Accounting, Ledger
+from flows.runtime import bounded, runtime_for, submit
 from flows.tasks import TASK
 from ops.corpus import bundled_documents, read_documents
 from ops.errors import CorpusError
@@ -157,7 +157,6 @@ def prepare_family(
 # ------------------------------------------------------------------ one seed on a Ray worker
 
 
-@ray.remote
 def _train_one(
     cfg_json: str, index: int, key: str, tokens_path: str, tokenizer_dir: str, out_dir: str,
     log_every: int = 10, device: str = "cpu",
@@ -210,10 +209,10 @@ def _read_log(path: Path) -> dict:
 
 
 @task(name="seeds-train", **TASK)
-def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None,
+def train_members(cfg: SeedsConfig, prep: dict, resources: ResourcesConfig | None = None,
                   ledger: Ledger | None = None) -> dict:  # fmt: skip
-    """The Ray driver: one Ray task per member not yet saved, at most one per cluster CPU, or
-    one per GPU where the cluster has GPUs (each member then trains on one)."""
+    """Train the members not yet saved on the job's workers: one at a time per worker, so one
+    per CPU worker, or one per GPU where workers take GPUs (each member then trains on it)."""
     log = get_run_logger()
     fdir = Path(prep["family_dir"])
     key = prep["key"]
@@ -227,28 +226,26 @@ def train_members(cfg: SeedsConfig, prep: dict, ray_address: str | None = None,
             todo.append(i)
     cached = sorted(logs)
     if todo:
-        ensure_ray(ray_address, min(len(todo), os.cpu_count() or 1))
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        kind, device = ("GPU", "cuda") if gpus else ("CPU", "cpu")
-        slots = max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
-        opts = {"num_cpus": 1, "num_gpus": 1 if gpus else 0}
-        log.info("training seeds %s on Ray (%d %s slots)", todo, slots, kind)
+        resources = resources or ResourcesConfig(workers=min(len(todo), os.cpu_count() or 1))
         cfg_json = cfg.model_dump_json()
         acct = Accounting(f"seeds/{cfg.name}")
+        with runtime_for(resources) as rt:
+            ws = rt.workers(len(todo))
+            log.info("training seeds %s on %d %s workers", todo, len(ws), rt.device)
 
-        def submit(_slot: int, i: int) -> ray.ObjectRef:
-            return _train_one.options(**opts).remote(
-                cfg_json, i, key, prep["tokens"], prep["tokenizer"], str(fdir / member_name(i)),
-                device=device)  # fmt: skip
+            def send(slot: int, i: int) -> object:
+                return submit(ws[slot], "call", _train_one, (
+                    cfg_json, i, key, prep["tokens"], prep["tokenizer"],
+                    str(fdir / member_name(i))), {})  # fmt: skip
 
-        for i, r in bounded(todo, submit, slots):
-            logs[i] = r
-            acct.add({"tokens": r["tokens"], "forward_passes": r.get("steps", 0)})
-            log.info(
-                "%s: loss %.3f -> %.3f, %d tokens in %.1fs (%.0f tok/s)",
-                member_name(i), r["initial_loss"], r["final_loss"], r["tokens"],
-                r["seconds"], r["tokens_per_second"] or 0,
-            )  # fmt: skip
+            for i, r in bounded(todo, send, len(ws)):
+                logs[i] = r
+                acct.add({"tokens": r["tokens"], "forward_passes": r.get("steps", 0)})
+                log.info(
+                    "%s: loss %.3f -> %.3f, %d tokens in %.1fs (%.0f tok/s)",
+                    member_name(i), r["initial_loss"], r["final_loss"], r["tokens"],
+                    r["seconds"], r["tokens_per_second"] or 0,
+                )  # fmt: skip
         if ledger is not None:
             ledger.record(acct.to_dict())
     else:
@@ -343,15 +340,20 @@ def plot_losses(path: Path, logs: dict[int, dict], title: str) -> bool:
 def train_seeds(
     cfg: SeedsConfig, texts_source: str | list[str] = "bundled", subsets: list[str] | None = None,
     max_docs: int | None = None, ray_address: str | None = None, ledger: Ledger | None = None,
+    resources: ResourcesConfig | None = None,
 ) -> dict:  # fmt: skip
     """Train (or reuse) ``cfg.count`` seeds; return their directories and loss summaries.
 
     ``dirs[i]`` (= ``family_dir/s<i>``) loads with ``ops.models.load_model`` and with
     ``transformers.AutoModelForCausalLM.from_pretrained``; ``trained``/``cached`` list the
-    member indices trained by this call and reused from the cache.
+    member indices trained by this call and reused from the cache. Members train on the
+    workers of ``resources`` (the job's runtime inside a job).
     """
     prep = prepare_family(cfg, texts_source, subsets, max_docs)
-    res = train_members(cfg, prep, ray_address, ledger)
+    if resources is None and ray_address is not None:
+        resources = ResourcesConfig(ray_address=ray_address,
+                                    workers=min(cfg.count, os.cpu_count() or 1))  # fmt: skip
+    res = train_members(cfg, prep, resources, ledger)
     fdir = Path(prep["family_dir"])
     logs = res["logs"]
     if res["trained"] or not (fdir / "loss.png").is_file():

@@ -27,8 +27,10 @@ import torch
 from prefect import get_run_logger, task
 
 from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
-from flows.engine import Ledger, Shard, Span, Stage, Unit, ensure_ray, run_units, use_gpus
+from flows.engine import Ledger, run_units
 from flows.record import note_speed, record_merge
+from flows.runtime import runtime_for
+from flows.stage import Shard, Span, Stage, Unit
 from flows.tasks import TASK
 from ops.correlation import CoMoments, FamilyMoments, merge_comoments
 from ops.engine import Consumer, NeuronStats, TileMoments
@@ -240,14 +242,20 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
               ) -> dict:  # fmt: skip
     """Both passes and the merge; returns the family summary. ``stats`` = (build, persist):
     per-shard consumers recorded in the first pass (a family's neuron statistics)."""
-    log = get_run_logger()
     atlas = Store.open(job.atlas)
     stored = atlas.attrs.get("universality", {})
     if stored.get("key") == key and atlas.done("universality/pairs").get("complete"):
         return {"skipped": True, **stored}
+    with runtime_for(job.resources) as rt:  # the job's workers, for all three passes
+        return _correlate(job, models, cfg, layers, d, key, ledger, stats, first_name, rt.gpus)
+
+
+def _correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig,
+               layers: list[list[int]], d: list[int], key: str, ledger: Ledger | None,
+               stats: tuple[Any, Any] | None, first_name: str, gpus: bool) -> dict:  # fmt: skip
+    log = get_run_logger()
+    atlas = Store.open(job.atlas)
     res = job.resources
-    ensure_ray(res.ray_address, res.workers)
-    gpus = use_gpus(res)
     names = [m.name for m in models]
     the_plan = plan(layers, d, res.workers, default_budget(cfg.memory_gb, res.workers, gpus),
                     flush=gpus)  # fmt: skip

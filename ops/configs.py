@@ -28,15 +28,21 @@ class Registry(Mapping[str, Any]):
     """Name -> class; an entry may be the name of the module that registers the class on
     import (``register``), and is resolved on first lookup."""
 
-    def __init__(self, kind: str, lazy: Mapping[str, str]):
+    def __init__(self, kind: str, lazy: Mapping[str, Any], field: str | None = None):
         self.kind = kind
+        self.field = field  # the config field that names an entry (errors say it)
         self._items: dict[str, Any] = dict(lazy)
 
     def register(self, name: str, obj: Any) -> None:
         current = self._items.get(name)
         if current is not None and not isinstance(current, str) and current is not obj:
-            raise ConfigError(f"arch: {name!r} is already registered to {current}")
+            where = f"{self.field}: " if self.field else ""
+            raise ConfigError(f"{where}{self.kind} {name!r} is already registered to {current}")
         self._items[name] = obj
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a test's temporary entry)."""
+        self._items.pop(name, None)
 
     def __getitem__(self, name: str) -> Any:
         v = self._items[name]
@@ -57,7 +63,7 @@ class Registry(Mapping[str, Any]):
         return name in self._items
 
 
-ARCHITECTURES = Registry("SAE architecture", {n: "ops.sae" for n in
+ARCHITECTURES = Registry("SAE architecture", field="arch", lazy={n: "ops.sae" for n in
                                              ("topk", "batchtopk", "relu", "jumprelu")})  # fmt: skip
 """Registered SAE classes by ``SAEConfig.arch`` name (built-ins live in ``ops.sae``)."""
 

@@ -41,6 +41,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ops.configs import Registry
 from ops.errors import ModelError
 from ops.sources import SMOLLM2, SMOLLM2_CACHE_NAME, cache_dir
 from ops.sources import looks_like_path as _looks_like_path
@@ -135,7 +136,7 @@ def _gated(norm_offset: float = 0.0) -> ArchSpec:
     )
 
 
-ARCHS: dict[str, ArchSpec] = {
+ARCHS: Registry = Registry("model architecture", {
     "gpt2": ArchSpec(
         layers=lambda m: _base(m).h,
         down_proj=lambda b: b.mlp.c_proj,
@@ -171,7 +172,7 @@ ARCHS: dict[str, ArchSpec] = {
         in_proj=lambda b: b.intermediate.dense,
         final_norm=None,
     ),
-}
+})
 """Every supported family by ``config.model_type``: the one registry (hooks, shapes, weights)."""
 
 SUPPORTED: tuple[str, ...] = tuple(ARCHS)
@@ -179,10 +180,13 @@ SUPPORTED: tuple[str, ...] = tuple(ARCHS)
 
 
 def register_arch(model_type: str, spec: ArchSpec) -> None:
-    """Add or replace a family, so new architectures need no edit here."""
+    """Add a family, so new architectures need no edit here. A name already registered to
+    another spec is refused (as the SAE registry does): two plugins cannot silently replace
+    each other's family. Register in a module named in ``resources.plugins`` so that every
+    worker process knows it too."""
     if not model_type:
         raise ModelError("register_arch: model_type must be a non-empty string")
-    ARCHS[model_type] = spec
+    ARCHS.register(model_type, spec)
 
 
 def arch_spec(config_or_model: PretrainedConfig | nn.Module | str) -> ArchSpec:

@@ -370,6 +370,19 @@ class Store(Atlas):
         cur["finished"] = _now()
         g.attrs["runs"] = runs[-self.MAX_RUNS :]
 
+    def record_model_loads(self, run: str, loads: list[Mapping[str, Any]]) -> None:
+        """Keep, on run ``run``, how many times each worker loaded each model (``[{"node",
+        "pid", "host", "device", "model_loads": {model: count}}]``): one per worker and model
+        for the whole job is the goal, more means a worker restarted."""
+        g = _require_group(self.root, RUNS)
+        runs = list(g.attrs.get("runs", []))
+        cur = next((r for r in runs if r.get("run") == run), None)
+        if cur is None:  # a job whose every stage was skipped still says what it loaded
+            cur = {"run": run, "started": _now(), "stages": []}
+            runs.append(cur)
+        cur["model_loads"] = jsonable([dict(x) for x in loads])
+        g.attrs["runs"] = runs[-self.MAX_RUNS :]
+
     # ------------------------------------------------------------------ dictionaries
 
     @routed

@@ -335,7 +335,7 @@ def test_register_arch_adds_a_family() -> None:
     try:
         assert arch_spec(config) is spec
     finally:
-        del ARCHS["my_arch"]
+        ARCHS.unregister("my_arch")
 
 
 def test_missing_sources(tmp_path: Path) -> None:
