@@ -7,12 +7,17 @@ take ``--json`` for machine-readable output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import unicodedata
+from collections.abc import Iterator
 from typing import Any
 
 # Defaults that keep a laptop run quiet and offline; explicit settings win.
@@ -124,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:  # refused before Prefect or Ray start
         raise JobConfigError("--resume and --overwrite contradict each other; pick one")
     job = load_job(args.job, atlas=args.atlas)
-    flags = {"workers": args.workers, "ray_address": args.ray_address}
+    flags = {"backend": args.backend, "workers": args.workers, "ray_address": args.ray_address}
     res = {k: v for k, v in flags.items() if v is not None}
     if res:  # validated like the job file: --workers 0 or -1 is refused, naming the field
         shown_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in res.items())
@@ -140,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{held.get('host')}" if held else " (there was none)"), file=sys.stderr)  # fmt: skip
     from flows.pipeline import map_neurons
 
-    out = map_neurons(job, resume=args.resume, overwrite=args.overwrite)
+    with quiet_interrupts():
+        out = map_neurons(job, resume=args.resume, overwrite=args.overwrite)
     from storage.location import shown as shown_location
 
     path = shown_location(job.atlas)  # a URL stays a URL
@@ -620,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing atlas (built beside it, swapped in on success)")
     r.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     r.add_argument("--workers", type=int, help="number of Ray model workers")
+    r.add_argument("--backend", choices=["ray", "local"],
+                   help="where the workers run: ray (default) or local (this process, no Ray)")
     r.add_argument("--break-lease", action="store_true",
                    help="remove the lease a killed run left on an object-store atlas (only "
                         "when that run is known to be gone)")  # fmt: skip
@@ -759,11 +767,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def quiet_interrupts() -> Iterator[None]:
+    """Ctrl-C during a run ends in one line (``main``): Prefect's task and flow engines log
+    an interrupted run's traceback as a crash wherever the interrupt lands (mid-record it
+    did), and Ray's workers print theirs. The first SIGINT therefore turns logging off
+    before it raises KeyboardInterrupt; the driver then unwinds (the runtime stops its
+    workers and its Ray instance, the local Prefect server stops) and says what continues
+    the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        logging.disable(logging.CRITICAL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C is enough; unwind quietly
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:  # started in the background with SIGINT ignored: keep it
+        yield
+        return
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        logging.disable(logging.NOTSET)
+
+
 def _interrupted(args: argparse.Namespace) -> str:
     """What an interrupted ``run`` says: the command that continues it."""
     cmd = ["neuronmap", "run", *([args.job] if args.job else [])]
     for flag, value in (("--atlas", args.atlas), ("--ray-address", args.ray_address),
-                        ("--workers", args.workers)):  # fmt: skip
+                        ("--workers", args.workers), ("--backend", args.backend)):  # fmt: skip
         cmd += [flag, str(value)] if value is not None else []
     if args.overwrite:  # the atlas it was replacing is untouched; a partial one is rebuilt
         return f"interrupted; start over with `{shlex.join([*cmd, '--overwrite'])}`"

@@ -92,8 +92,8 @@ class Accounting:
         self.forward_passes += int(out.get("forward_passes", 0))
         if "node" in out:
             w = self.workers.setdefault(f"{out['node']}/{out.get('pid', '')}/{out['device']}", {
-                "node": out["node"], "host": out.get("host"), "device": out["device"],
-                "shards": []})  # fmt: skip
+                "node": out["node"], "host": out.get("host"), "pid": out.get("pid"),
+                "device": out["device"], "shards": []})  # fmt: skip
             if "shard" in out:
                 w["shards"].append(int(out["shard"]))
 

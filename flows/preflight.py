@@ -13,6 +13,7 @@ atlas.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import flows
@@ -33,6 +34,8 @@ def preflight(job: JobConfig, resume: bool = False, overwrite: bool = False) -> 
     if resume and overwrite:
         raise JobConfigError("--resume and --overwrite contradict each other; pick one")
     check_plugins(job.resources.plugins)
+    if job.resources.backend == "ray":
+        check_ray_address(job.resources.ray_address)
     check_location(job.atlas)
     check_free(job.atlas)
     check_atlas(job, resume, overwrite)
@@ -48,6 +51,25 @@ def preflight(job: JobConfig, resume: bool = False, overwrite: bool = False) -> 
                 raise JobConfigError(f"field 'dictionaries.layer': layer {d.layer} is not "
                                      f"recorded for model {m.name!r} (layers {layers})")  # fmt: skip
     check_universality_plan(job)
+
+
+def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """A Ray address the job names (``host:port`` or ``ray://host:port``) answers: a typo or
+    a cluster that is down fails here, in seconds, not after ``ray.init`` retries for a
+    minute. ``auto``/``local`` and no address (``$RAY_ADDRESS`` or a local instance) are
+    left to Ray."""
+    if not address or address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise JobConfigError(f"field 'resources.ray_address': {address!r} is not host:port or "
+                             "ray://host:port")  # fmt: skip
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise JobConfigError(f"field 'resources.ray_address': no Ray cluster answers at "
+                             f"{address!r} ({e.strerror or type(e).__name__})") from None  # fmt: skip
 
 
 def job_plan(job: JobConfig, workers: int | None = None, gpus: bool = False,

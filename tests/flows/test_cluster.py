@@ -69,7 +69,7 @@ def _job(atlas: Path, model: Path) -> dict:
     SwiGLU model, a per-neuron quantile, probes shard 0 in a Ray stage of its own (~10 s of
     worker start-up per run) first. The taxonomy counters are still recorded and compared
     bit for bit with the rest of the atlas."""
-    return _pipeline_job(atlas, model,
+    return _pipeline_job(atlas, model, resources={"backend": "ray", "workers": 2},
                          record={"properties": False, "taxonomy": {"threshold": 0.0}})  # fmt: skip
 
 

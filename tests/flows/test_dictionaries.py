@@ -33,7 +33,7 @@ def dict_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
                          # a random tiny model's KL saturates near 0.01 (see ops tests)
                          "steering": {"features": 1, "target_kl": 0.002, "sequences": 4,
                                       "contrast": ["wiki-fr", "wiki-en"]}},
-        "resources": {"workers": 2},
+        "resources": {"backend": "local"},  # the numbers; SNMF over Ray workers: below
     })  # fmt: skip
     out = map_neurons(job)
     return path, job, out
@@ -85,6 +85,16 @@ def test_distributed_snmf_equals_single_process(dict_atlas) -> None:
     ref = snmf_ops.fit(x.T, cfg)
     np.testing.assert_allclose(z, ref.z.numpy(), atol=2e-3)
     assert g.attrs["metrics"]["rel_error"] == pytest.approx(ref.rel_error, rel=1e-3)
+    # the same run with the sample's shards spread over two Ray workers
+    from flows.config import ResourcesConfig
+    from flows.runtime import Runtime
+    from flows.snmf import fit_snmf
+
+    with Runtime(ResourcesConfig(backend="ray", workers=2)) as rt:
+        spread = fit_snmf(rt, job, "tiny", 1, run, atlas)
+        assert len(rt.workers()) == 2
+    np.testing.assert_allclose(spread.z.numpy(), z, atol=2e-5)
+    assert spread.rel_error == pytest.approx(g.attrs["metrics"]["rel_error"], rel=1e-5)
 
 
 def test_cli_features(dict_atlas, capsys) -> None:

@@ -63,7 +63,8 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3_atlas(s3, tiny_model_dir, ray_cluster, prefect_harness) -> str:
     url = "s3://atlases/tiny.zarr"
-    _run(_job(url, tiny_model_dir))  # type: ignore[arg-type]
+    # on Ray: the workers reach the atlas with the credentials the driver ships to them
+    _run(_job(url, tiny_model_dir, resources={"backend": "ray", "workers": 2}))  # type: ignore[arg-type]
     return url
 
 

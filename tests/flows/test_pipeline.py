@@ -1,4 +1,5 @@
-"""The map_neurons flow end to end on real Ray workers, the Prefect harness and Zarr.
+"""The map_neurons flow end to end on the Prefect harness and Zarr, its numbers on the local
+backend (every worker claim is on Ray: local = Ray with 1 worker = Ray with 2, kill and resume).
 
 The atlas is checked against a float64 numpy computation over activations captured
 independently (plain forward pre-hooks, no neuronmap code on the capture path).
@@ -38,7 +39,8 @@ def _job(atlas: Path, model_dir: Path, **over) -> dict:
         "layers": "all",
         "record": {"topk": 6, "hist_bins": 32, "hist_min": 1e-3, "hist_max": 10.0,
                    "batch_size": 4, "sample_tokens": 200},
-        "resources": {"workers": 2},
+        # numbers are proven on the local backend (no Ray start-up); the Ray claims say ray
+        "resources": {"backend": "local"},
     }  # fmt: skip
     for k, v in over.items():
         job[k] = {**job[k], **v} if isinstance(v, dict) and isinstance(job.get(k), dict) else v
@@ -189,13 +191,36 @@ def _check_taxonomy(atlas: Atlas, layer: int, x: np.ndarray, positions: np.ndarr
                 assert all(c <= err for i, c in true.items() if i not in got), (layer, j, which)
 
 
-def test_one_worker_equals_two_workers(mapped: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    other = tmp_path / "one.zarr"
-    _run(_job(other, tiny_model_dir, resources={"workers": 1}))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_equals_ray_with_one_and_two_workers(mapped: Path, tiny_model_dir: Path,
+                                                   tmp_path: Path, ray_cluster, workers: int
+                                                   ) -> None:  # fmt: skip
+    """The same job on Ray actors (1 and 2 workers) gives the local backend's atlas, array by
+    array; each Ray worker loaded the model once for the whole job (firing probe, record,
+    properties: three stages, one load)."""
+    other = tmp_path / f"ray{workers}.zarr"
+    _run(_job(other, tiny_model_dir, resources={"backend": "ray", "workers": workers}))
     a, b = _arrays(mapped), _arrays(other)
     assert a.keys() == b.keys()
     different = [k for k in a if a[k] != b[k]]
     assert not different, different
+    (run,) = Atlas.open(other).runs()
+    stages = [st["stage"] for st in run["stages"]]
+    assert stages[:2] == ["firing/tiny", "record/tiny"], stages
+    loads = run["model_loads"]
+    assert len(loads) == workers and len({w["pid"] for w in loads}) == workers
+    assert all(w["node"] != "local" and w["device"] == "cpu" for w in loads)
+    assert [w["model_loads"] for w in loads] == [{f"{tiny_model_dir} (float32)": 1}] * workers
+    used = {w["pid"] for st in run["stages"] for w in st["workers"]}
+    assert used <= {w["pid"] for w in loads}  # every stage ran on the job's workers
+
+
+def test_local_backend_loads_the_model_once_in_this_process(mapped: Path, tiny_model_dir: Path
+                                                            ) -> None:  # fmt: skip
+    (run,) = Atlas.open(mapped).runs()
+    (w,) = run["model_loads"]
+    assert w["node"] == "local" and w["pid"] == os.getpid()
+    assert w["model_loads"] == {f"{tiny_model_dir} (float32)": 1}
 
 
 def test_finished_atlas_is_complete_and_verifies(mapped: Path) -> None:
@@ -221,7 +246,7 @@ def test_kill_and_resume_gives_the_same_atlas(
 ) -> None:
     """Kill a real `neuronmap run` mid-recording, resume it, compare with the clean run."""
     path = tmp_path / "killed.zarr"
-    job = _job(path, tiny_model_dir, resources={"workers": 1})
+    job = _job(path, tiny_model_dir, resources={"backend": "ray", "workers": 1})
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
     from prefect.settings import PREFECT_API_URL

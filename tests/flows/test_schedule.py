@@ -168,7 +168,7 @@ def test_interval_deployment_runs_on_a_worker_like_a_direct_run(
     # the atlas path is relative: `deploy` makes it absolute; one worker is quickest here, and
     # so is a fixed firing threshold (the default quantile probes shard 0 in a Ray stage of
     # its own first; nothing here looks at the taxonomy)
-    job = _job(Path("sched.zarr"), tiny_model_dir, resources={"workers": 1},
+    job = _job(Path("sched.zarr"), tiny_model_dir, resources={"backend": "ray", "workers": 1},
                record={"taxonomy": {"threshold": 0.0}})  # fmt: skip
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
 

@@ -72,7 +72,7 @@ def wired_atlas(tmp_path_factory, wired_dir, ray_cluster, prefect_harness) -> Pa
         "layers": "all",
         "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "properties": True,
                    "taxonomy": {"threshold": 0.05}},
-        "resources": {"workers": 2},
+        "resources": {"backend": "local"},
     }  # fmt: skip
     _run(job)
     return path

@@ -60,7 +60,8 @@ def uni_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness):
                    {"name": "other", "source": str(root / "other"), "dtype": "float32"}],
         "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "taxonomy": NO_PROBE},
         "universality": {"models": ["base", "perm", "other"], "keep_full": True, "threshold": 0.2},
-        "resources": {"workers": 2},
+        # the numbers on the local backend; Ray with 1 worker, killed and resumed, agrees below
+        "resources": {"backend": "local", "workers": 2},
     })  # fmt: skip
     out = map_neurons(job)
     return root / "a.zarr", perm, out
@@ -242,8 +243,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_one_worker_agrees_with_two(
         uni_atlas, tmp_path: Path, tiny_model_dir: Path) -> None:  # fmt: skip
     """Kill a real `neuronmap run` once a pair worker has checkpointed its state (every shard
     here), resume it: the pairs pass continues from the checkpoint (it runs fewer shards than
-    the corpus has), and the result, on one worker and other shard boundaries, equals the
-    fixture's two-worker atlas (to float64 rounding)."""
+    the corpus has), and the result, on one Ray worker and other shard boundaries, equals the
+    fixture's atlas (local backend, planned for two workers; to float64 rounding)."""
     import contextlib
     import json
     import os
@@ -265,7 +266,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_one_worker_agrees_with_two(
         "record": {"topk": 4, "hist_bins": 16, "batch_size": 8, "properties": False,
                    "taxonomy": NO_PROBE},
         "universality": {"models": ["base", "perm"], "threshold": 0.2, "checkpoint_shards": 1},
-        "resources": {"workers": 1},
+        "resources": {"backend": "ray", "workers": 1},
     }  # fmt: skip
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))

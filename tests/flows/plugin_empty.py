@@ -1,0 +1,3 @@
+"""A plugin module that registers nothing (a misnamed module, a forgotten call)."""
+
+ANSWER = 42
