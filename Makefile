@@ -1,5 +1,5 @@
 # Two entry points (README): `make run` and `make test`. Both build .venv first.
-# The install order matters (../shared/ENV.md): torch 2.13.0 from local disk first, then
+# The install order matters (docs/design.md, "Install notes"): torch 2.13.0 from local disk first, then
 # everything else under constraints.txt, then the data-only packages without dependencies.
 PYTHON ?= python3
 VENV   := .venv

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,11 @@ import torch
 from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 
-from flows.config import DictionariesConfig, JobConfig, SAERunConfig
+from flows.config import DictionariesConfig, JobConfig, ModelConfig, SAERunConfig
 from flows.engine import Accounting, Ledger, run_stage, stream_stage
 from flows.runtime import get, runtime_for
 from flows.snmf import fit_snmf
-from flows.stage import Shard, Stage
+from flows.stage import Rider, Shard, Stage
 from flows.steering import contrast_direction, eval_batches, steer_directions
 from flows.tasks import TASK
 from ops import sae as sae_ops
@@ -72,6 +73,37 @@ def checkpoint_path(atlas_path: str, run: SAERunConfig, key: str) -> Path:
 
 
 # ------------------------------------------------------------------ SAE
+
+
+def streamed_rider(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger | None = None
+                   ) -> Rider | None:  # fmt: skip
+    """The streamed SAE whose first epoch rides on ``model``'s record pass: the first
+    ``source: stream`` run on this model, when the record stage starts from scratch and the
+    run has no checkpoint yet (a resumed run streams on its own, from its checkpoint)."""
+    d = job.dictionaries
+    run = (
+        next((r for r in d.sae if r.source == "stream"), None)
+        if d and d.model == model.name
+        else None
+    )
+    if run is None:
+        return None
+    atlas = Atlas.open(job.atlas)
+    entry = atlas.done(f"record/{model.name}")
+    if entry.get("fingerprint") == prep["fingerprint"] and (entry.get("shards")
+                                                            or entry.get("complete")):  # fmt: skip
+        return None
+    ckpt = checkpoint_path(job.atlas, run, dictionaries_fingerprint(d, atlas.data_key(
+        prep["fingerprint"])))  # fmt: skip
+    if ckpt.exists():
+        return None
+
+    def consume(shards: Iterator[dict[str, Any]]) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        train_sae_streamed(job, model.name, d.layer, run, str(ckpt), first_epoch=shards,
+                           ledger=ledger)  # fmt: skip
+
+    return Rider(layer=d.layer, consume=consume)
 
 
 def log_every(steps: int) -> int:
@@ -357,7 +389,7 @@ def _learn(rt: Any, job: JobConfig, dcfg: DictionariesConfig, ledger: Ledger | N
     if dcfg.feature_stats == "corpus" and dirs:
         stage = feature_stage(job, model, layer, saes, {n: r.z.numpy() for n, r in snmf.items()},
                               fp)  # fmt: skip
-        stats = run_stage(stage, job.atlas, job.resources, ledger)["features"]
+        stats = run_stage(stage, job.atlas, job.resources, ledger).merged["features"]
     else:
         stats = {f"sae/{n}": sample_feature_stats(sae_ops.from_weights(s["weights"], s["config"]
                                                                        ).encode, x, positions, job)

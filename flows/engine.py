@@ -40,7 +40,16 @@ from flows.runtime import (  # noqa: F401  (the runtime's names that stage modul
     wait,
     worker_env,
 )
-from flows.stage import Build, Persist, Shard, Span, Stage, Unit  # noqa: F401
+from flows.stage import (  # noqa: F401
+    Build,
+    Persist,
+    Shard,
+    Span,
+    Stage,
+    StageResult,
+    Unit,
+    UnitsResult,
+)
 from storage.atlas import Atlas, AtlasError
 from storage.store import Store
 
@@ -150,7 +159,7 @@ class StageRun:
                  ledger: Ledger | None = None, ordered: bool = False):  # fmt: skip
         self.stage, self.path, self.resources = stage, atlas_path, resources
         self.ledger, self.ordered = ledger, ordered
-        self.summary: dict[str, Any] | None = None
+        self.summary: StageResult | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stage = self.stage
@@ -158,7 +167,7 @@ class StageRun:
         entry = atlas.done(stage.name)
         same = entry.get("fingerprint") == stage.key
         if same and entry.get("complete"):
-            self.summary = {"skipped": True}
+            self.summary = StageResult(skipped=True)
             return
         n_shards = len(atlas.shard_ranges())
         done = set(entry.get("shards", [])) if same else set()
@@ -196,7 +205,7 @@ class StageRun:
         entry = acct.to_dict()
         if self.ledger is not None and todo:
             self.ledger.record(entry)
-        self.summary = {"accounting": entry, **result}
+        self.summary = StageResult(accounting=entry if todo else None, merged=result)
 
     def _record(self, entry: dict[str, Any]) -> None:
         assert self.ledger is not None
@@ -205,7 +214,7 @@ class StageRun:
         except Exception as e:  # never hides the error that ended the attempt
             logging.getLogger("neuronmap").warning("run accounting not recorded: %s", e)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> StageResult:
         for _ in self:
             pass
         assert self.summary is not None
@@ -213,8 +222,8 @@ class StageRun:
 
 
 def run_stage(stage: Stage, atlas_path: str, resources: ResourcesConfig,
-              ledger: Ledger | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run ``stage`` to the end (see :class:`StageRun`) and return its summary."""
+              ledger: Ledger | None = None) -> StageResult:  # fmt: skip
+    """Run ``stage`` to the end (see :class:`StageRun`) and return its result."""
     return StageRun(stage, atlas_path, resources, ledger).finish()
 
 
@@ -250,12 +259,11 @@ class _Slot:
 
 
 def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: ResourcesConfig,
-              ledger: Ledger | None = None) -> dict[str, Any]:  # fmt: skip
+              ledger: Ledger | None = None) -> UnitsResult:  # fmt: skip
     """Run ``units`` of a stage with a :class:`Span`: each on one worker, its shards in order
     into state the worker holds, checkpointed on the span's interval, closed on the worker
     (``close`` persists what the driver needs later: a resumed run skips finished units).
-    Returns ``{"units": close results of the units run now by index, "accounting": what this
-    run of the stage cost (None when every unit was done)}``.
+    Returns a :class:`UnitsResult`.
 
     Units finished under the stage's key are skipped (the manifest lists them); an
     unfinished one resumes from its checkpoint. A lost worker's unit goes back to the queue
@@ -270,7 +278,7 @@ def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: R
     results: dict[int, dict[str, Any]] = {}
     todo = [i for i in range(len(units)) if i not in done_units]
     if not todo:
-        return {"units": results, "accounting": None}
+        return UnitsResult(results, None)
     acct = Accounting(stage.name, corpus_tokens=int(atlas.corpus.attrs["n_tokens"]))
     bar = tqdm(total=sum(len(units[i].shards) for i in todo),
                desc=stage.description or stage.name, unit="shard")  # fmt: skip
@@ -355,4 +363,4 @@ def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: R
     entry = acct.to_dict()
     if ledger is not None:
         ledger.record(entry)
-    return {"units": results, "accounting": entry}
+    return UnitsResult(results, entry)

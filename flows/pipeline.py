@@ -31,7 +31,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.config import JobConfig, ModelConfig, UniversalityConfig
-from flows.dictionaries import learn_dictionaries
+from flows.dictionaries import learn_dictionaries, streamed_rider
 from flows.engine import Ledger
 from flows.local_server import install as install_local_server
 from flows.preflight import preflight
@@ -89,12 +89,12 @@ def _map_models(job: JobConfig, ledger: Ledger, resume: bool, overwrite: bool
     rows = []
     for model in job.models:
         prep = prepare_model(job, model)
-        rec = record_model(job, model, prep, ledger)
+        # a streamed SAE over this model rides on its record pass (no forward of its own)
+        rec = record_model(job, model, prep, ledger, rider=streamed_rider(job, model, prep, ledger))
         model_properties(job, model, prep)
-        acct = rec.get("accounting") or {}
-        rows.append({"model": model.name, "tokens": rec.get("tokens", 0),
-                     "tok_s": acct.get("tokens_per_s"), "dead_frac": rec.get("dead_frac"),
-                     "kinds": rec.get("kinds")})  # fmt: skip
+        rows.append({"model": model.name, "tokens": rec.tokens,
+                     "tok_s": (rec.accounting or {}).get("tokens_per_s"),
+                     "dead_frac": rec.dead_frac, "kinds": rec.kinds})  # fmt: skip
     return corpus, rows
 
 

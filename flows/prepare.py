@@ -112,7 +112,7 @@ def grow_corpus(job: JobConfig, atlas: Store) -> dict:
     """Continue an atlas whose file corpus has grown: documents added at the end of the
     corpus (lines appended to a file, files added after the last one in reading order)
     become new sequences, and the shards they fill are recorded by the stages that follow,
-    which continue from the merged state of the rest (``flows.record.record_merge``).
+    which continue from the merged state of the rest (``flows.statistics.record_merge``).
 
     Unchanged files (size and mtime, :func:`ops.corpus.source_signature`) are not read
     again, so a scheduled run of a finished job stays a fast no-op. A corpus that changed

@@ -7,31 +7,27 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from tqdm.auto import tqdm
 
-from flows.config import JobConfig, ModelConfig, SAERunConfig
+from flows.config import JobConfig, ModelConfig
 from flows.engine import Ledger, StageRun, run_stage
 from flows.runtime import runtime_for
-from flows.stage import Build, Shard, Stage
+from flows.stage import Build, Rider, Shard, Stage, StageResult
+from flows.statistics import note_speed, record_merge
 from flows.tasks import TASK
 from flows.taxonomy import (
-    PREFIX,
     counter_arrays,
     counter_consumers,
     firing,
-    read_counters,
-    write_labels,
 )
 from ops.engine import ActivationFeed, ActivationSample, Consumer, NeuronStats
-from ops.stats import HistSpec, StatsPartial, finalize, hist_spec, merge_partials, stack_partials
-from ops.taxonomy import CountersPartial, merge_counters
-from storage.atlas import Atlas
-from storage.layout import STATE
+from ops.stats import HistSpec, hist_spec, stack_partials
 from storage.store import Store
 
 # ------------------------------------------------------------------ the record stage
@@ -73,61 +69,6 @@ def _record_persist(model: str, shard: Shard, consumers: list[Consumer]) -> dict
     return out
 
 
-def record_merge(job: JobConfig, model: ModelConfig, prep: dict, atlas: Store) -> dict:
-    """Fold the shard partials in shard order (deterministic), write stats and top-k.
-
-    The fold over the corpus's whole shards is kept in ``_state`` (a finished job drops its
-    partials): when the corpus grows, the fold continues from it over the shards recorded
-    since, which gives the same statistics as a fold over every shard from the start."""
-    n_shards = len(atlas.shard_ranges())
-    whole = int(atlas.corpus.attrs["n_sequences"]) // int(atlas.corpus.attrs["shard_sequences"])
-    n_sources = len(atlas.corpus.attrs["source_names"])
-    key = f"record/{model.name}"
-    acc: StatsPartial | None = None
-    counts: CountersPartial | None = None
-    start = 0
-    kept = atlas.read_checkpoint(key, under=STATE)
-    if kept is not None and kept[0].get("fingerprint") is not None:
-        arrays, cursor = kept
-        fp = bytes(arrays.pop("fingerprint")).decode()
-        if fp == prep["fingerprint"] and 0 < cursor <= whole:
-            acc, start = StatsPartial.from_arrays(arrays), cursor
-            counts = read_counters(arrays, n_sources)
-    # the dtype each shard was recorded in, and why (workers on GPUs and CPUs may differ)
-    dtypes = dict(atlas.model_attrs(model.name).get("compute_dtype", {})) if start else {}
-    for s in tqdm(range(start, n_shards), desc=f"merge {model.name}", unit="shard"):
-        arrays = atlas.read_partial(model.name, s)
-        used = arrays.pop("compute_dtype", None)  # (absent in partials of older versions)
-        dtypes.update(json.loads(bytes(used).decode()) if used is not None else {})
-        part, c = StatsPartial.from_arrays(arrays), read_counters(arrays, n_sources)
-        acc = part if acc is None else merge_partials([acc, part])
-        if c is not None:
-            counts = c if counts is None else merge_counters([counts, c])
-        if s + 1 == whole and whole > start:
-            fp = np.frombuffer(prep["fingerprint"].encode(), np.uint8)
-            extra = counts.to_arrays(PREFIX) if counts is not None else {}
-            atlas.write_checkpoint(key, acc.to_arrays() | extra | {"fingerprint": fp}, whole,
-                                   under=STATE)  # fmt: skip
-    assert acc is not None
-    stats = finalize(acc, job.record.dead_frequency, job.record.massive_threshold)
-    dead_frac = {}
-    for i, layer in enumerate(prep["layers"]):
-        atlas.write_layer_stats(
-            model.name, layer, {k: v[i] for k, v in stats.items()},
-            acc.top_values[i], acc.top_positions[i],
-        )  # fmt: skip
-        dead_frac[layer] = float(stats["dead"][i].mean())
-    kinds = None
-    if counts is not None and prep.get("firing") is not None and job.record.taxonomy is not None:
-        rule, thresholds = prep["firing"]
-        kinds = write_labels(atlas, model.name, prep["layers"], counts, stats, rule,
-                             job.record.taxonomy, thresholds)  # fmt: skip
-    atlas.model_group(model.name).attrs.update({"complete": True, "tokens": int(acc.n),
-                                                "compute_dtype": dtypes})  # fmt: skip
-    atlas.touch()
-    return {"tokens": int(acc.n), "dead_frac": dead_frac, "kinds": kinds}
-
-
 def record_stage(job: JobConfig, model: ModelConfig, prep: dict,
                  feed_layer: int | None = None) -> Stage:  # fmt: skip
     """Record: every layer's neuron statistics and the activation sample from one forward
@@ -147,71 +88,45 @@ def record_stage(job: JobConfig, model: ModelConfig, prep: dict,
     )  # fmt: skip
 
 
-def _shared_stream(job: JobConfig, model: ModelConfig, prep: dict
-                   ) -> tuple[SAERunConfig, Path] | None:  # fmt: skip
-    """The streamed SAE run (and its checkpoint) whose first epoch can ride on this record
-    pass: the first ``source: stream`` run on this model, when the stage starts from scratch
-    and the run has no checkpoint yet (a resumed run streams on its own, from its checkpoint)."""
-    from flows.dictionaries import checkpoint_path, dictionaries_fingerprint
+@dataclass
+class RecordResult:
+    """What the record stage did for one model."""
 
-    d = job.dictionaries
-    run = (
-        next((r for r in d.sae if r.source == "stream"), None)
-        if d and d.model == model.name
-        else None
-    )
-    entry = Atlas.open(job.atlas).done(f"record/{model.name}")
-    if run is None or (entry.get("fingerprint") == prep["fingerprint"]
-                       and (entry.get("shards") or entry.get("complete"))):  # fmt: skip
-        return None
-    key = Atlas.open(job.atlas).data_key(prep["fingerprint"])
-    ckpt = checkpoint_path(job.atlas, run, dictionaries_fingerprint(d, key))
-    return None if ckpt.exists() else (run, ckpt)
-
-
-def note_speed(atlas_path: str, models: list[ModelConfig], out: dict) -> None:
-    """Keep a stage's recording speed on its models (``neuronmap info`` shows it)."""
-    acct = out.get("accounting")
-    if acct:
-        atlas = Store.open(atlas_path)
-        for m in models:
-            atlas.model_group(m.name).attrs.update({"tokens_per_second": acct["tokens_per_s"]})
-        get_run_logger().info("%s: %d tokens in %.1fs (%.0f tok/s)",
-                              ", ".join(m.name for m in models), acct["tokens"], acct["seconds"],
-                              acct["tokens_per_s"])  # fmt: skip
+    tokens: int = 0
+    """Tokens recorded and merged by this run (0: the model was complete already)."""
+    dead_frac: dict[int, float] | None = None
+    """Fraction of dead neurons per layer, when merged by this run."""
+    kinds: dict[int, dict[str, float]] | None = None
+    """Fraction of each taxonomy kind per layer, when labelled by this run."""
+    accounting: dict[str, Any] | None = None
+    """What the record stage cost (None when no shard ran)."""
 
 
 @task(name="record", **TASK)
-def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger | None = None
-                 ) -> dict:  # fmt: skip
-    """The Ray driver of the record stage (merge included); a finished model returns at once.
+def record_model(job: JobConfig, model: ModelConfig, prep: dict, ledger: Ledger | None = None,
+                 rider: Rider | None = None) -> dict:  # fmt: skip
+    """The driver of the record stage (merge included); a finished model returns at once.
 
-    When the job streams an SAE over this model's layer, the record pass feeds it too: the
-    SAE trains here, in shard order, on the activations of the same forward."""
+    With a ``rider`` (the pipeline's choice: a streamed SAE over one of this model's layers),
+    the record pass feeds it too, in shard order, from the same forward; this stage does not
+    know what the rider is."""
     if job.record.taxonomy is not None and not Store.open(job.atlas).model_attrs(model.name).get(
         "complete"
     ):
         prep = prep | {"firing": firing(job, model, prep, ledger)}
-    shared = _shared_stream(job, model, prep)
-    if shared is None:
+    if rider is None:
         out = run_stage(record_stage(job, model, prep), job.atlas, job.resources, ledger)
     else:
-        from flows.dictionaries import train_sae_streamed
-
-        stream, ckpt = shared
-        assert job.dictionaries is not None
-        layer = job.dictionaries.layer
-        run = StageRun(record_stage(job, model, prep, feed_layer=layer), job.atlas,
+        run = StageRun(record_stage(job, model, prep, feed_layer=rider.layer), job.atlas,
                        job.resources, ledger, ordered=True)  # fmt: skip
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
         shards = iter(run)
-        train_sae_streamed(job, model.name, layer, stream, str(ckpt), first_epoch=shards,
-                           ledger=ledger)  # fmt: skip
-        for _ in shards:  # a run shorter than one epoch leaves shards to record
+        rider.consume(shards)
+        for _ in shards:  # a rider that stops early leaves shards to record
             pass
-        out = run.summary or {}
-    note_speed(job.atlas, [model], out)
-    return out
+        out = run.summary or StageResult()
+    note_speed(job.atlas, [model], out.accounting)
+    return RecordResult(tokens=out.merged.get("tokens", 0), dead_frac=out.merged.get("dead_frac"),
+                        kinds=out.merged.get("kinds"), accounting=out.accounting)  # fmt: skip
 
 
 def _properties(source: str, revision: str | None, layers: list[int], top: int) -> dict:

@@ -577,10 +577,23 @@ class Runtime:
 
     def bind(self, stage: Stage, atlas_path: str, n: int) -> list[Any]:
         """Up to ``n`` workers with ``stage`` bound (its models loaded where they are not yet);
-        a load error is raised as itself."""
-        ws = self.workers(n)
-        get([submit(w, "bind", stage, atlas_path) for w in ws])
-        return ws
+        a load error is raised as itself. A worker lost earlier in the job (its node gone, or
+        restarting) is left out of this stage; only when none is left does it fail
+        (:class:`WorkersLost`)."""
+        refs = [(w, submit(w, "bind", stage, atlas_path)) for w in self.workers()]
+        up, lost = [], None
+        for w, ref in refs:
+            try:
+                get(ref)
+            except (*LOST, ray.exceptions.ActorUnavailableError) as e:
+                lost = e
+                log.warning("a worker of this job is lost (%s): %s runs without it",
+                            type(e).__name__, stage.name)  # fmt: skip
+                continue
+            up.append(w)
+        if not up:
+            raise WorkersLost(f"every worker of this job was lost before {stage.name}: {lost}")
+        return up[: max(1, n)]
 
     # -- one-off work
 
@@ -594,7 +607,16 @@ class Runtime:
         return submit(ws[i % len(ws)], "call", fn, args, kwargs)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return get(self.call_async(fn, *args, **kwargs))
+        """``fn(*args, **kwargs)`` on a worker, waited for; a worker lost earlier in the job
+        passes it on to the next one."""
+        n = len(self.workers())
+        for tries in range(n):
+            try:
+                return get(self.call_async(fn, *args, **kwargs))
+            except (*LOST, ray.exceptions.ActorUnavailableError):
+                if tries == n - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def hold(self, factory: Callable[..., Any], *args: Any, worker: int, **kwargs: Any
              ) -> Held:  # fmt: skip
@@ -606,9 +628,16 @@ class Runtime:
         get(submit(w, "hold", name, factory, args, kwargs))
         return Held(w, name)
 
-    def model_loads(self) -> list[dict[str, Any]]:
-        """Per worker: where it runs and how many times it loaded each model."""
-        return get([submit(w, "model_loads") for w in self._workers]) if self._workers else []
+    def model_loads(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Per worker that still answers: where it runs and how many times it loaded each
+        model (a worker lost with its node, or restarting, is left out)."""
+        out = []
+        for ref in [submit(w, "model_loads") for w in self._workers]:
+            try:
+                out.append(get(ref, timeout=timeout))
+            except (*LOST, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                continue
+        return out
 
 
 class Held:

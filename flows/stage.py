@@ -8,8 +8,8 @@ Declarations only: the runtime (``flows.runtime``) runs them on its workers, the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +62,40 @@ class Stage:
     work: Sequence[str] = ()
     description: str = ""
     span: Span | None = None
+
+
+@dataclass
+class StageResult:
+    """What a run of a sharded stage returns (``flows.engine.run_stage``)."""
+
+    skipped: bool = False
+    """The stage was complete under the same key already: nothing ran."""
+    accounting: dict[str, Any] | None = None
+    """What this run of the stage cost (tokens, forwards, seconds, workers); None when no
+    shard ran."""
+    merged: dict[str, Any] = field(default_factory=dict)
+    """What the stage's ``merge`` returned."""
+
+
+@dataclass
+class UnitsResult:
+    """What a run of a stage of units returns (``flows.engine.run_units``)."""
+
+    units: dict[int, dict[str, Any]]
+    """The ``close`` result of every unit run now, by index (finished units are skipped)."""
+    accounting: dict[str, Any] | None
+    """What this run of the stage cost; None when every unit was done already."""
+
+
+@dataclass
+class Rider:
+    """A consumer that rides on another stage's pass instead of running one of its own (a
+    streamed SAE on the record pass): the pipeline attaches it, the stage it rides on knows
+    only this. ``consume`` gets that stage's shard results in shard order, each carrying the
+    activations of ``layer`` under ``"acts"``; it may stop early (the stage finishes the rest)."""
+
+    layer: int
+    consume: Callable[[Iterator[dict[str, Any]]], None]
 
 
 @dataclass(frozen=True)

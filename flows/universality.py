@@ -28,9 +28,9 @@ from prefect import get_run_logger, task
 
 from flows.config import JobConfig, JobConfigError, ModelConfig, UniversalityConfig
 from flows.engine import Ledger, run_units
-from flows.record import note_speed, record_merge
 from flows.runtime import runtime_for
 from flows.stage import Shard, Span, Stage, Unit
+from flows.statistics import note_speed, record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments, FamilyMoments, merge_comoments
 from ops.engine import Consumer, NeuronStats, TileMoments
@@ -278,7 +278,7 @@ def _correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfi
                             save=_save, close=_close_layers, every_shards=cfg.checkpoint_shards,
                             every_s=every_s), **common)  # fmt: skip
     first_done = atlas.done(first.name)
-    acct = run_units(first, job.atlas, ranges, res, ledger)["accounting"]
+    acct = run_units(first, job.atlas, ranges, res, ledger).accounting
     if first_done.get("fingerprint") == first.key and first_done.get("complete"):
         own = _read_layers(atlas, shapes)
     else:
@@ -393,7 +393,7 @@ def record_family(job: JobConfig, cfg: UniversalityConfig, preps: list[dict],
         }
         for m in models:
             atlas.drop_partials(m.name)
-        note_speed(job.atlas, models, {"accounting": out.get("first_pass")})
+        note_speed(job.atlas, models, out.get("first_pass"))
     _log(out)
     return {"merged": not out.get("skipped"), "models": rows, **out}
 

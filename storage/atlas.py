@@ -730,6 +730,16 @@ class Atlas:
             r["examples"] = [e.text for e in rec.examples]
         return rows
 
+    def universality_study(self) -> dict[str, Any]:
+        """The study-wide summary of the comparison (universal fraction, mean best-partner r,
+        rotation baseline, tokens, universal vs non-universal comparison), from this atlas
+        or the family that holds it; empty when there is none. The CLI and the viewer show
+        the same one."""
+        for holder in [self] + [self.family(f) for f in self.families]:
+            if "universality" in holder.attrs:
+                return dict(holder.attrs["universality"])
+        return {}
+
     def universality_overview(self) -> dict[str, Any]:
         """Universal fraction per model and layer, with mean excess and baseline."""
         out: dict[str, Any] = {}

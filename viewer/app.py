@@ -324,6 +324,7 @@ def create_app(atlas_path: str, token: str | None = None,
         if model is not None:
             owner_of(model)
         return answer({"overview": atlas.universality_overview(),
+                       "summary": public(atlas.universality_study()),
                        "neurons": atlas.universal_neurons(model, top=top)})  # fmt: skip
 
     @app.get("/api/models/{model}/layers/{layer}/steering")
