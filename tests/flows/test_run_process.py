@@ -20,15 +20,16 @@ from storage.atlas import Atlas
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
-def _job(tmp: Path, model: Path, max_tokens: int = 300) -> tuple[str, Path]:
+def _job(tmp: Path, model: Path, max_tokens: int = 300, backend: str = "local",
+         **record) -> tuple[str, Path]:  # fmt: skip
     atlas = tmp / "a.zarr"
     job = {
         "atlas": str(atlas),
         "corpus": {"source": "bundled", "seq_len": 16, "max_tokens": max_tokens,
                    "shard_sequences": 8},
         "models": [{"name": "tiny", "source": str(model), "dtype": "float32"}],
-        "record": {"topk": 4, "hist_bins": 16, "hist_max": 10.0, "properties": False},
-        "resources": {"workers": 1},
+        "record": {"topk": 4, "hist_bins": 16, "hist_max": 10.0, "properties": False, **record},
+        "resources": {"backend": backend, "workers": 1},
     }  # fmt: skip
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -79,6 +80,20 @@ def _prefect_server(parent: int, timeout: float) -> int:
                 continue
         time.sleep(0.2)
     pytest.fail(f"no Prefect server started by pid {parent} in {timeout} s")
+
+
+def _children(parent: int, word: bytes) -> list[int]:
+    """Pids of the processes ``parent`` started whose command line holds ``word``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int(
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent and (
+                    word in (d / "cmdline").read_bytes()):  # fmt: skip
+                out.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
@@ -140,7 +155,10 @@ def test_killed_run_leaves_no_prefect_server(tmp_path: Path, tiny_model_dir: Pat
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Ctrl-C (SIGINT to the terminal's process group) in the middle of a run."""
-    job, _ = _job(tmp_path, tiny_model_dir, max_tokens=12000)
+    # a fixed firing threshold: no probe stage, the interrupt lands in the record stage (where
+    # Prefect once logged the interrupted task's traceback before the one line)
+    job, _ = _job(tmp_path, tiny_model_dir, max_tokens=12000, backend="ray",
+                  taxonomy={"threshold": 0.0})  # fmt: skip
     log = tmp_path / "stderr.txt"
     with open(log, "w") as f:
         proc = _run(job, tmp_path / "home", stdout=subprocess.DEVNULL, stderr=f)
@@ -153,6 +171,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path, tiny_model_dir: Path) -
         while "record/tiny: shard 1/" not in log.read_text() and time.time() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
+        ray_procs = _children(proc.pid, b"gcs_server") + _children(proc.pid, b"raylet")
+        assert ray_procs, "the run started no Ray instance of its own"
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=120)
         err = log.read_text()
@@ -160,5 +180,6 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path, tiny_model_dir: Path) -
         assert "Traceback" not in err, err[-3000:]
         assert f"neuronmap: interrupted; continue with `neuronmap run {job} --resume`" in err
         assert _gone_within(server, 15)  # the run stopped its server (which ignored Ctrl-C)
+        assert all(_gone_within(p, 15) for p in ray_procs)  # and its Ray instance
     finally:
         _stop(proc, *([server] if server else []))

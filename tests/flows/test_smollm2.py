@@ -23,7 +23,7 @@ def test_smollm2_maps_into_a_queryable_atlas(tmp_path: Path, ray_cluster, prefec
         "models": [{"name": "smollm2", "source": "smollm2", "dtype": "bfloat16"}],
         "layers": [0, 15, 29],
         "record": {"topk": 8, "sample_tokens": 128, "sample_layers": [15]},
-        "resources": {"workers": 1},
+        "resources": {"backend": "local"},
     })  # fmt: skip
     out = map_neurons(job)
     atlas = Atlas.open(path)
