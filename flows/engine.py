@@ -22,11 +22,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from tqdm.auto import tqdm
 
 from flows.config import ResourcesConfig
 from flows.runtime import (  # noqa: F401  (the runtime's names that stage modules use)
     LOST,
+    PROBE_EVERY_S,
     RESTART_WAIT_S,
     WorkersLost,
     bounded,
@@ -252,10 +254,11 @@ class _Slot:
     unit: int | None = None  # index into the units
     cursor: int = 0  # shards of the unit the worker's state holds
     ref: Any = None
-    what: str = ""  # begin | run | checkpoint | end
+    what: str = ""  # begin | run | checkpoint | end | revive
     since_ckpt: int = 0
     ckpt_t: float = 0.0
     up: bool = True
+    probe_at: float | None = None  # a lost worker Ray is restarting: when to ask again
 
 
 def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: ResourcesConfig,
@@ -308,29 +311,60 @@ def run_units(stage: Stage, atlas_path: str, units: Sequence[Unit], resources: R
         else:
             send(s, "run", u.shards[s.cursor])
 
+    def revive(s: _Slot) -> None:  # asked without waiting: the others keep working
+        s.probe_at = None
+        s.what, s.ref = "revive", submit(s.actor, "bind", stage, atlas_path)
+
+    none_up_since: float | None = None
     try:
         while todo or any(s.unit is not None for s in slots):
             for s in slots:
                 if s.up and s.unit is None and todo:
                     s.unit, s.cursor, s.since_ckpt, s.ckpt_t = todo.pop(0), 0, 0, time.monotonic()
                     send(s, "begin", units[s.unit])
-            busy = [s for s in slots if s.unit is not None]
+            now = time.monotonic()
+            for s in slots:
+                if s.probe_at is not None and s.probe_at <= now:
+                    revive(s)
+            busy = [s for s in slots if s.unit is not None or s.what == "revive"]
+            probing = [s for s in slots if s.probe_at is not None]
+            if any(s.up for s in slots):
+                none_up_since = None
+            elif not busy and not probing:
+                raise WorkersLost("every worker was lost and none can restart")
+            else:
+                none_up_since = none_up_since or now
+                if now - none_up_since > RESTART_WAIT_S:
+                    raise WorkersLost(f"every worker was lost and none came back within "
+                                      f"{RESTART_WAIT_S:.0f} s")  # fmt: skip
             if not busy:
-                raise WorkersLost("every worker was lost")
-            ready = wait([s.ref for s in busy])
+                time.sleep(max(0.0, min(s.probe_at for s in probing) - now))
+                continue
+            timeout = max(0.0, min(s.probe_at for s in probing) - now) if probing else None
+            ready = wait([s.ref for s in busy], timeout=timeout)
+            if not ready:
+                continue
             s = next(x for x in busy if x.ref == ready[0])
+            if s.what == "revive":  # a lost worker's restart answered
+                s.what, s.ref = "", None
+                try:
+                    get(ready[0])
+                except ray.exceptions.ActorUnavailableError:  # still restarting
+                    s.probe_at = time.monotonic() + PROBE_EVERY_S
+                except LOST as e:  # it will not come back
+                    logging.getLogger("neuronmap").warning("worker cannot be restarted: %s", e)
+                else:
+                    s.up = True
+                continue
             try:
                 out = get(s.ref)
             except LOST as e:
                 logging.getLogger("neuronmap").warning(
-                    "worker lost during unit %s (%s): it resumes from its checkpoint",
-                    units[s.unit].key, type(e).__name__)  # fmt: skip
+                    "worker lost during unit %s (%s): it resumes from its checkpoint on "
+                    "the next free worker", units[s.unit].key, type(e).__name__)  # fmt: skip
                 todo.insert(0, s.unit)
-                s.unit = None
-                try:  # a restarted worker takes work again once bound (models loaded)
-                    get(submit(s.actor, "bind", stage, atlas_path), timeout=RESTART_WAIT_S)
-                except Exception:
-                    s.up = False
+                s.unit, s.up = None, False
+                revive(s)  # a restarted worker takes work again once bound (models loaded)
                 continue
             if s.what == "begin":
                 s.cursor = int(out)

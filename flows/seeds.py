@@ -238,7 +238,9 @@ def train_members(cfg: SeedsConfig, prep: dict, resources: ResourcesConfig | Non
                     cfg_json, i, key, prep["tokens"], prep["tokenizer"],
                     str(fdir / member_name(i))), {})  # fmt: skip
 
-            for i, r in bounded(todo, send, len(ws)):
+            # a lost worker's member trains on another one (a member is idempotent)
+            revive = lambda s: submit(ws[s], "ready")  # noqa: E731
+            for i, r in bounded(todo, send, len(ws), revive=revive):
                 logs[i] = r
                 acct.add({"tokens": r["tokens"], "forward_passes": r.get("steps", 0)})
                 log.info(

@@ -1,6 +1,7 @@
-"""The bounded pool (flows.engine.bounded) when workers die: a lost worker's items go to the
-workers that are up, a worker that Ray restarts takes work again, and only a pool whose every
-worker is gone fails (WorkersLost), on the session's real Ray."""
+"""The scheduler (flows.runtime.bounded) and the unit runner (flows.engine.run_units) when
+workers die: a lost worker's items go to the workers that are up, a worker that Ray restarts
+takes work again, the others never wait for it, and only a pool whose every worker is gone
+fails (WorkersLost), on the session's real Ray."""
 
 from __future__ import annotations
 
@@ -90,3 +91,86 @@ def test_without_revive_a_lost_worker_fails_the_run(ray_cluster, tmp_path) -> No
             list(bounded([1, 2], lambda s, x: a.run.remote(x), 1))
     finally:
         ray.kill(a)
+
+
+# ------------------------------------------------------------------ units (state across shards)
+
+
+class _Seen:
+    """A unit's state on its worker: the shards it saw and when (no consumers)."""
+
+    def __init__(self) -> None:
+        self.consumers: list = []
+        self.shards: list[int] = []
+
+
+def _no_consumers(marker: str, crash_shard: int, delay: float, shard) -> list:
+    """Per shard: the worker that runs ``crash_shard`` first dies (its process exits)."""
+    if shard.index == crash_shard and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    time.sleep(delay)
+    return []
+
+
+def _open(shard, unit) -> _Seen:
+    return _Seen()
+
+
+def _restore(shard, unit, state) -> int:
+    return 0
+
+
+def _save(shard, unit, state, cursor) -> None:
+    return None
+
+
+def _close(shard, unit, state) -> dict:
+    return {"unit": unit.key, "t": time.time()}
+
+
+def test_a_lost_worker_never_stalls_the_other_units(ray_cluster, tmp_path, tiny_atlas,
+                                                    tiny_model_dir) -> None:  # fmt: skip
+    """Four units of three shards on two Ray workers; one worker dies in its first unit and
+    Ray's restart of it takes 30 s (a plugin sleeps on import in its second life). The other
+    worker runs the whole queue meanwhile, the lost unit again from its start: the stage ends
+    long before the restart would have, every unit once."""
+    import json
+    import shutil
+    from functools import partial
+
+    from flows.config import ModelConfig, ResourcesConfig
+    from flows.engine import run_units
+    from flows.stage import Span, Stage, Unit
+    from ops.models import ARCHS
+    from storage.atlas import Atlas
+    from tests.flows.plugin_slow_restart import SLOW_RESTART
+
+    path = tmp_path / "a.zarr"
+    shutil.copytree(tiny_atlas, path)
+    n = len(Atlas.open(path).shard_ranges())
+    assert n >= 6
+    marker = tmp_path / "crashed"
+    SLOW_RESTART.write_text(json.dumps({"marker": str(marker), "seconds": 30}))
+    tiny = ModelConfig(name="tiny", source=str(tiny_model_dir), dtype="float32")
+    stage = Stage(name="test/units", key="k", models=[tiny],
+                  build=partial(_no_consumers, str(marker), 1, 0.2),
+                  persist=lambda shard, consumers: {}, batch_size=4,
+                  span=Span(open=_open, restore=_restore, save=_save, close=_close,
+                            every_s=None))  # fmt: skip
+    units = [Unit(f"u{i}", tuple(s % n for s in range(3 * i, 3 * i + 3))) for i in range(4)]
+    res = ResourcesConfig(backend="ray", workers=2, max_restarts=1,
+                          plugins=["tests.flows.plugin_slow_restart"])  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        out = run_units(stage, str(path), units, res)
+        took = time.monotonic() - t0
+    finally:
+        SLOW_RESTART.unlink(missing_ok=True)
+        ARCHS.unregister("slow_restart_test")
+    assert marker.exists()  # a worker did die in unit u0 (at shard 1)
+    assert sorted(out.units) == [0, 1, 2, 3]
+    assert [out.units[i]["unit"] for i in range(4)] == ["u0", "u1", "u2", "u3"]
+    assert sorted(Atlas.open(path).done("test/units")["shards"]) == [0, 1, 2, 3]
+    assert len({r["pid"] for r in out.units.values()}) == 1  # the one that stayed up
+    assert took < 25, took  # not held up by the 30 s restart
