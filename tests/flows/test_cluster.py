@@ -24,6 +24,8 @@ from tests.flows.test_pipeline import _job as _pipeline_job
 DRIVER = Path(__file__).with_name("two_node_driver.py")
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.slow  # a claim about Ray workers, clusters or processes
+
 
 def _record_entries(path: Path) -> list[dict]:
     (run,) = Atlas.open(path).runs()

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from storage.atlas import Atlas
 from tests.flows.test_pipeline import _arrays, _job, _run
 
 pytest.importorskip("moto")
@@ -63,8 +65,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3_atlas(s3, tiny_model_dir, ray_cluster, prefect_harness) -> str:
     url = "s3://atlases/tiny.zarr"
-    # on Ray: the workers reach the atlas with the credentials the driver ships to them
-    _run(_job(url, tiny_model_dir, resources={"backend": "ray", "workers": 2}))  # type: ignore[arg-type]
+    _run(_job(url, tiny_model_dir))  # type: ignore[arg-type]
     return url
 
 
@@ -81,6 +82,33 @@ def test_s3_atlas_equals_the_local_one(tiny_atlas: Path, s3_arrays: dict[str, by
     # settings are in the environment)
     a, b = _arrays(tiny_atlas), s3_arrays
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+def _read_on_worker(url: str) -> tuple[list, dict]:
+    """On a job worker: the first corpus row and who read it (the S3 settings are the ones
+    the driver shipped, nothing else in the worker's environment names the endpoint)."""
+    import os
+
+    import numpy as np
+
+    return (np.asarray(Atlas.open(url).corpus["tokens"][0]).tolist(),
+            {"pid": os.getpid(), "endpoint": os.environ.get("AWS_ENDPOINT_URL")})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ray_workers_reach_the_atlas_with_the_drivers_credentials(s3, s3_atlas: str,
+                                                                 ray_cluster) -> None:  # fmt: skip
+    """Ray workers read and write the S3 atlas themselves: the runtime hands the driver's
+    object-store settings (endpoint, credentials) to every worker it starts."""
+    from flows.config import ResourcesConfig
+    from flows.runtime import Runtime
+
+    want = np.asarray(Atlas.open(s3_atlas).corpus["tokens"][0]).tolist()
+    with Runtime(ResourcesConfig(backend="ray", workers=2)) as rt:
+        outs = [rt.call(_read_on_worker, s3_atlas) for _ in range(2)]
+    assert [row for row, _ in outs] == [want, want]
+    assert len({who["pid"] for _, who in outs} | {os.getpid()}) == 3  # two workers, not here
+    assert {who["endpoint"] for _, who in outs} == {os.environ["AWS_ENDPOINT_URL"]}
 
 
 def test_query_and_verify_on_s3(s3_atlas: str, capsys: pytest.CaptureFixture[str]) -> None:

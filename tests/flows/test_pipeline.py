@@ -191,6 +191,7 @@ def _check_taxonomy(atlas: Atlas, layer: int, x: np.ndarray, positions: np.ndarr
                 assert all(c <= err for i, c in true.items() if i not in got), (layer, j, which)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_local_equals_ray_with_one_and_two_workers(mapped: Path, tiny_model_dir: Path,
                                                    tmp_path: Path, ray_cluster, workers: int
@@ -241,6 +242,7 @@ def test_completed_rerun_is_a_noop(mapped: Path, tiny_model_dir: Path) -> None:
     assert _arrays(mapped) == before
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_atlas(
     mapped: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a claim about Ray workers, clusters or processes
+
 
 def _worker_class(ray):
     @ray.remote(num_cpus=0)

@@ -42,6 +42,8 @@ HEAD = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --port {gcs} --das
 SUBMIT = "neuronmap submit {job} --address http://127.0.0.1:{dash} --wait"
 RUN = "RAY_ADDRESS=127.0.0.1:{gcs} neuronmap run {job}"
 
+pytestmark = pytest.mark.slow  # a claim about Ray workers, clusters or processes
+
 
 def test_readme_shows_the_commands_this_test_runs() -> None:
     text = (REPO / "README.md").read_text()

@@ -17,7 +17,8 @@ import yaml
 
 from storage.atlas import Atlas
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = [pytest.mark.slow,  # processes, as a user starts them
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
 
 def _job(tmp: Path, model: Path, max_tokens: int = 300, backend: str = "local",

@@ -21,6 +21,7 @@ from tests.flows.test_pipeline import _job, _run
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_a_local_run_starts_its_own_ray_beside_a_running_one(ray_cluster) -> None:
     """With this session's Ray instance running on the machine and no address named, a
     runtime in another process starts an instance of its own (Ray's default would attach to
@@ -44,6 +45,7 @@ def test_a_local_run_starts_its_own_ray_beside_a_running_one(ray_cluster) -> Non
     assert lines[1] == {"after": False}  # the runtime shut down the instance it started
 
 
+@pytest.mark.slow
 def test_a_plugin_family_runs_on_two_ray_workers(tmp_path: Path, ray_cluster, prefect_harness
                                                  ) -> None:  # fmt: skip
     """OLMo is not a built-in family: registered by a plugin, a 2-worker Ray job maps it (each

@@ -154,6 +154,7 @@ def _cli(
     return p
 
 
+@pytest.mark.slow
 def test_interval_deployment_runs_on_a_worker_like_a_direct_run(
     prefect_server, tiny_model_dir: Path, tmp_path: Path, request, capsys, monkeypatch
 ) -> None:

@@ -35,6 +35,7 @@ def _digest(d: Path) -> tuple[str, int]:
     return hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns
 
 
+@pytest.mark.slow
 def test_train_seeds_trains_once_then_reuses(ray_cluster, prefect_harness, cache):
     from flows.seeds import artifact_key, family_dir, train_seeds
 

@@ -175,6 +175,7 @@ def test_properties_are_stored_next_to_stats(uni_atlas) -> None:
     assert len(rec.stats["props"]["top_promoted_tokens"]) == 10
 
 
+@pytest.mark.slow
 def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_harness, monkeypatch):
     """A job with a `seeds` section trains the family, maps it into families/<name>, compares it."""
     from flows.cli import main
@@ -239,6 +240,7 @@ def test_job_with_seed_family(tmp_path, tiny_model_dir, ray_cluster, prefect_har
     assert all(r["tokens"] == 0 for r in again["models"])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_and_one_worker_agrees_with_two(
         uni_atlas, tmp_path: Path, tiny_model_dir: Path) -> None:  # fmt: skip
     """Kill a real `neuronmap run` once a pair worker has checkpointed its state (every shard

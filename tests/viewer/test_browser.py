@@ -27,10 +27,10 @@ from tests.viewer.test_app import TOKEN
 from viewer.app import create_app
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     CHROMIUM is None or DRIVER is None,
     reason="needs Debian's chromium and chromium-driver (`make test` installs them)",
-)
+)]
 CAT = 2  # " cat": neuron 0 of every layer fires on it alone
 
 
