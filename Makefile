@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 BENCH_VENV := .venv-bench
 
-.PHONY: install run test browser lint bench bench-env bench-sae clean
+.PHONY: install run test browser lint bench bench-env bench-sae gpu-env-check clean
 
 install: $(STAMP)
 
@@ -61,5 +61,10 @@ $(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 bench-sae: bench-env
 	$(BENCH_VENV)/bin/python bench/sae.py
 
+# The GPU benchmark machine simulated here: a venv (.venv-gpusim) with only that machine's
+# packages, and `bench/gpu_check.sh --cpu-smoke` run in it end to end (bench/gpu_env_check.sh).
+gpu-env-check:
+	bash bench/gpu_env_check.sh
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) atlas.zarr .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .venv-gpusim atlas.zarr .pytest_cache

@@ -4,6 +4,12 @@ baseline measured in the same run.
     python bench/gpu.py                          # CUDA when there is one: real shapes, bf16
     python bench/gpu.py --device cpu --small     # tiny shapes, float32: well under a minute
     python bench/gpu.py --only record,sae --rounds 5 --json
+    python bench/gpu.py --section record --out record.json   # one section, as gpu_check.sh
+
+``--out FILE`` writes the JSON figures as soon as each part exists (each model shape, each
+SAE precision, the co-moments), replacing the file atomically: a crash or a timeout later
+loses only what had not been measured yet. ``bench/gpu_check.sh`` runs one section per
+process for the same reason.
 
 Runs on a bare GPU machine: it imports only torch, transformers, numpy, scipy (via ``ops``)
 and ``ops`` -- no Ray, Prefect, Zarr or dask, nothing from ``flows`` or ``storage``. Models
@@ -14,16 +20,22 @@ each timed region only. Figures are medians over rounds; a ratio is throughput �
 baseline's throughput (1.0 = as fast as the baseline, higher is better).
 
 record -- per model shape (SmolLM2-135M, GPT-2 small, Llama-3.2-1B), ``--batches`` batches of
-``--batch`` x ``--seq`` tokens (16 x 1024), bf16 on CUDA, float32 on CPU. Tokens counted are
-all positions fed (batch x seq), the same for every column:
+``--batch`` x ``--seq`` tokens (8 of 16 x 1024), bf16 on CUDA, float32 on CPU. Tokens counted
+are all positions fed (batch x seq), the same for every column. Every variant runs the same
+batches (``ops.engine.batches``, made once before timing) with the same attention mask, and
+gets them on the device the same way (``ops.models.model_inputs``: pinned, non-blocking):
 
-  bare          ``model(input_ids)``: the full forward with the LM head (the model's speed);
-  trunk         the forward cut after the last hooked layer (``ops.models.forward_until``,
-                no attention mask, as in ``bench/record.py``): the least recording has to run;
+  bare          ``model(input_ids, attention_mask)``: the full forward with the LM head (the
+                model's speed);
+  trunk         the forward cut after the last hooked layer (``ops.models.forward_until``):
+                the least recording has to run;
   record        the real activation pass (``ops.engine.ActivationPass.run``) with one
                 ``NeuronStats`` consumer per layer, every layer hooked, state on the device
-                (moments, min/max, firing count, histogram, top-32), partials copied to the
-                host at the end, as a worker does per shard;
+                (moments, min/max, firing count, histogram, top-32), the partials copied to
+                the host at the end of each round, as a worker does per shard. The
+                consumers are made once and kept across the warm-up and every round: the
+                steady state of a worker deep in its shards (full top-k state, few
+                candidates), not a fresh start each round;
   record÷bare   the issue's figure: what recording costs against just running the model;
   trunk÷bare    what recording could reach with free statistics (the cut saves the LM head);
   record÷trunk  the cost of the hooks and statistics alone;
@@ -53,7 +65,9 @@ comoments -- ``ops.correlation.FamilyMoments.update`` of a GPT-2-small-shaped mo
 (12 layers x 3072 neurons each, 8192 tokens a batch: one ``[T, 36864]ᵀ·[T, 36864]`` GEMM plus
 shift/scale, cast, column sums and the float64 fold) ÷ the bare GEMM of the same inputs and
 dtype (bf16 with float32 accumulation on CUDA, float32 on CPU), built by
-``bench/universality.py``'s helpers; ``update÷GEMM`` has the goal >= 0.85 in bf16.
+``bench/universality.py``'s helpers; ``update÷GEMM`` has the goal >= 0.85 in bf16. ``in_place``
+says whether this torch accumulated the products in place (``ops.correlation.
+accumulate_in_place``) or added a float32 product.
 
 ``--small``: every model 2 layers, hidden 64, intermediate 128, vocab 512, batches of 2 x 64;
 SAE d_in 64, batch 256; co-moments 2 layers x 128 neurons, 256 tokens. A smoke run (CI:
@@ -79,28 +93,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    PretrainedConfig,
-)
 
+from bench.common import (  # noqa: E402
+    SHAPES,
+    build_model,
+    free,
+    model_config,
+    sync,
+    write_json,
+)
 from bench.universality import pair_inputs, update_and_gemm  # noqa: E402
+from ops import correlation  # noqa: E402
 from ops import sae as sae_ops  # noqa: E402
 from ops.engine import ActivationPass, NeuronStats, batches  # noqa: E402
-from ops.models import LoadedModel, arch_spec, forward_until, resolve_device  # noqa: E402
+from ops.models import (  # noqa: E402
+    LoadedModel,
+    arch_spec,
+    forward_until,
+    model_inputs,
+    resolve_device,
+)
 from ops.stats import hist_spec  # noqa: E402
 
 SECTIONS = ("record", "sae", "comoments")
-
-# family, layers, hidden, intermediate, heads, kv heads, vocab
-SHAPES = {
-    "smollm2-135m": ("llama", 30, 576, 1536, 9, 3, 49152),
-    "gpt2-small": ("gpt2", 12, 768, 3072, 12, 12, 50257),
-    "llama-3.2-1b": ("llama", 16, 2048, 8192, 32, 8, 128256),
-}
-SMALL_SHAPE = (2, 64, 128, 4, 2, 512)  # the same, for every family, with --small
 
 
 @dataclass(frozen=True)
@@ -117,16 +132,11 @@ class Sizes:
     co_reps: int  # co-moment updates per round (8 x 8192 = one float64 fold on CUDA)
 
 
-FULL = Sizes(16, 1024, 4, 1536, 4096, 20, 12, 3072, 8192, 8)
+FULL = Sizes(16, 1024, 8, 1536, 4096, 20, 12, 3072, 8192, 8)
 SMALL = Sizes(2, 64, 2, 64, 256, 3, 2, 128, 256, 2)
 
 
 # ---------------------------------------------------------------------------- timing
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def timed_rounds(fns: dict[str, Callable[[], object]], dev: torch.device,
@@ -154,65 +164,36 @@ def repeat(fn: Callable[[], object], n: int) -> Callable[[], None]:
     return run
 
 
-def free(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------- record
-
-
-def model_config(name: str, small: bool, seq: int) -> PretrainedConfig:
-    family, *dims = SHAPES[name]
-    layers, hidden, inter, heads, kv, vocab = SMALL_SHAPE if small else dims
-    if family == "gpt2":
-        return GPT2Config(n_layer=layers, n_embd=hidden, n_inner=inter, n_head=heads,
-                          vocab_size=vocab, n_positions=max(1024, seq),
-                          bos_token_id=vocab - 1, eos_token_id=vocab - 1)  # fmt: skip
-    return LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter,
-                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                       tie_word_embeddings=True, max_position_embeddings=max(2048, seq))  # fmt: skip
-
-
-def build_model(name: str, config: PretrainedConfig, dev: torch.device,
-                dtype: torch.dtype) -> LoadedModel:  # fmt: skip
-    """A random-initialised model, made on ``dev``, wrapped as ``ops.models.load_model`` does."""
-    torch.manual_seed(0)
-    with dev:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
-    spec = arch_spec(config)
-    return LoadedModel(model=model, tokenizer=None, model_type=config.model_type,
-                       n_layers=len(spec.layers(model)), d_mlp=spec.d_mlp(config),
-                       site=spec.description, source=f"random:{name}", path="", revision=None,
-                       dtype=dtype, device=dev)  # fmt: skip
 
 
 def time_passes(loaded: LoadedModel, vocab: int, sz: Sizes, dev: torch.device,
                 rounds: int) -> dict[str, float]:  # fmt: skip
-    """Median seconds of a round of bare forwards, trunk forwards and the recording pass."""
+    """Median seconds of a round of bare forwards, trunk forwards and the recording pass (the
+    fused and the eager statistics), all over the same batches and masks."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, vocab, (sz.batch * sz.batches, sz.seq), dtype=np.int64)
     mask = np.ones(tokens.shape, bool)
     mask[:, 0] = False  # BOS is fed, not recorded, as in a corpus shard
-    ids = [torch.from_numpy(tokens[a : a + sz.batch]) for a in range(0, len(tokens), sz.batch)]
+    fed = list(batches(tokens, mask, 0, sz.batch))  # ids, attention mask, recorded rows
     last, spec = loaded.n_layers - 1, hist_spec(256)  # the job defaults: 256 bins, top-32
     engine = ActivationPass([loaded])
 
     def bare() -> None:
         with torch.inference_mode():
-            for x in ids:
-                loaded.model(input_ids=x.to(dev), use_cache=False)
+            for b in fed:
+                loaded.model(**model_inputs(loaded, b.input_ids, b.attention))
 
     def trunk() -> None:
-        for x in ids:
-            forward_until(loaded, x, None, last)
+        for b in fed:
+            forward_until(loaded, b.input_ids, b.attention, last)
 
     def recorder(backend: str) -> Callable[[], None]:
-        def record() -> None:
-            stats = [NeuronStats((0, L), loaded.d_mlp, 32, spec, dev, backend)
-                     for L in range(loaded.n_layers)]  # fmt: skip
-            engine.run(batches(tokens, mask, 0, sz.batch), stats)
+        stats = [NeuronStats((0, L), loaded.d_mlp, 32, spec, dev, backend)
+                 for L in range(loaded.n_layers)]  # fmt: skip
+
+        def record() -> None:  # the same consumers every round: the steady state
+            engine.run(fed, stats)
             for c in stats:
                 c.state()
 
@@ -238,12 +219,16 @@ def bench_shape(name: str, sz: Sizes, small: bool, dev: torch.device, dtype: tor
             "eager_over_bare": tps["eager"] / tps["bare"]}  # fmt: skip
 
 
-def bench_record(sz: Sizes, small: bool, dev: torch.device, dtype: torch.dtype,
-                 rounds: int) -> dict:  # fmt: skip
-    shapes = {name: bench_shape(name, sz, small, dev, dtype, rounds) for name in SHAPES}
-    return {"batch": sz.batch, "seq": sz.seq, "batches_per_round": sz.batches,
-            "tokens_per_round": sz.batch * sz.seq * sz.batches, "dtype": str(dtype),
-            "shapes": shapes}  # fmt: skip
+def bench_record(sz: Sizes, small: bool, dev: torch.device, dtype: torch.dtype, rounds: int,
+                 on_part: Callable[[dict], None] = lambda r: None) -> dict:  # fmt: skip
+    """Every model shape in turn; ``on_part`` gets the figures so far after each."""
+    out = {"batch": sz.batch, "seq": sz.seq, "batches_per_round": sz.batches,
+           "tokens_per_round": sz.batch * sz.seq * sz.batches, "dtype": str(dtype),
+           "shapes": {}}  # fmt: skip
+    for name in SHAPES:
+        out["shapes"][name] = bench_shape(name, sz, small, dev, dtype, rounds)
+        on_part(out)
+    return out
 
 
 def print_record(r: dict, dev_name: str, rounds: int) -> None:
@@ -293,39 +278,41 @@ def sae_trainer(arch: str, pool: list[torch.Tensor], sz: Sizes, dev: torch.devic
     return run, sae_step_flops(sae, sz.sae_batch)
 
 
-def bench_sae(sz: Sizes, dev: torch.device, rounds: int) -> dict:
+def bench_sae(sz: Sizes, dev: torch.device, rounds: int,
+              on_part: Callable[[dict], None] = lambda r: None) -> dict:  # fmt: skip
+    """Each precision in turn (its architectures interleaved with its bare GEMM); ``on_part``
+    gets the figures so far after each."""
     g = torch.Generator(device=dev).manual_seed(0)
     pool = [torch.randn(sz.sae_batch, sz.sae_d, device=dev, generator=g) for _ in range(4)]
     n = 16 * sz.sae_d
     w = torch.randn(sz.sae_d, n, device=dev, generator=g)
     precisions = {"fp32": torch.float32} | ({"bf16-autocast": torch.bfloat16}
                                             if dev.type == "cuda" else {})  # fmt: skip
-    fns: dict[str, Callable[[], object]] = {}
-    flops: dict[str, int] = {}
+    out = {"d_in": sz.sae_d, "n_latents": n, "k": 32, "batch": sz.sae_batch,
+           "steps_per_round": sz.sae_steps, "architectures": list(sae_ops.ARCHITECTURES),
+           "runs": {}}  # fmt: skip
+    runs: dict[str, dict] = out["runs"]
     for p, dt in precisions.items():
         x, wd = pool[0].to(dt), w.to(dt)
-        fns[f"{p}/gemm"] = repeat(lambda x=x, wd=wd: x @ wd, sz.sae_steps)
-        flops[f"{p}/gemm"] = 2 * sz.sae_batch * sz.sae_d * n
+        fns: dict[str, Callable[[], object]] = {
+            "gemm": repeat(lambda x=x, wd=wd: x @ wd, sz.sae_steps)}  # fmt: skip
+        flops: dict[str, int] = {"gemm": 2 * sz.sae_batch * sz.sae_d * n}
         for arch in sae_ops.ARCHITECTURES:
-            fns[f"{p}/{arch}"], flops[f"{p}/{arch}"] = sae_trainer(arch, pool, sz, dev,
-                                                                   p != "fp32")  # fmt: skip
-    med = timed_rounds(fns, dev, rounds)
-    runs: dict[str, dict] = {}
-    for key, s in med.items():
-        p, arch = key.split("/")
-        runs.setdefault(p, {})[arch] = {"tok_s": sz.sae_steps * sz.sae_batch / s,
-                                        "tflops": sz.sae_steps * flops[key] / s / 1e12,
-                                        "flops_per_step": flops[key]}  # fmt: skip
-    for p, archs in runs.items():
+            fns[arch], flops[arch] = sae_trainer(arch, pool, sz, dev, p != "fp32")
+        med = timed_rounds(fns, dev, rounds)
+        archs = runs[p] = {}
+        for arch, secs in med.items():
+            archs[arch] = {"tok_s": sz.sae_steps * sz.sae_batch / secs,
+                           "tflops": sz.sae_steps * flops[arch] / secs / 1e12,
+                           "flops_per_step": flops[arch]}  # fmt: skip
         for arch, r in archs.items():
             r["over_gemm"] = r["tflops"] / archs["gemm"]["tflops"]
-            if p != "fp32":
+            if p != "fp32" and "fp32" in runs:
                 r["over_fp32"] = r["tok_s"] / runs["fp32"][arch]["tok_s"]
-    del fns
-    free(dev)
-    return {"d_in": sz.sae_d, "n_latents": n, "k": 32, "batch": sz.sae_batch,
-            "steps_per_round": sz.sae_steps, "architectures": list(sae_ops.ARCHITECTURES),
-            "runs": runs}  # fmt: skip
+        del fns
+        free(dev)
+        on_part(out)
+    return out
 
 
 def print_sae(r: dict, dev_name: str, rounds: int) -> None:
@@ -355,7 +342,11 @@ def bench_comoments(sz: Sizes, dev: torch.device, dtype: torch.dtype, rounds: in
     flops = 2 * t * (L * d) ** 2
     del acts, update, gemm
     free(dev)
+    # which accumulation the update used: in place (addmm/baddbmm, out=) or a product added
+    in_place = {f"{dev_type}/{dims}-d/{'reduced' if red else 'fp32'}": ok
+                for (dev_type, dims, red), ok in correlation._IN_PLACE.items()}  # fmt: skip
     return {"layers": L, "d": d, "tokens": t, "dtype": str(dtype), "updates_per_round": sz.co_reps,
+            "in_place": in_place,
             "shape": f"[{t} x {L * d}]ᵀ·[{t} x {L * d}]", "update_s": update_s, "gemm_s": gemm_s,
             "update_tok_s": t / update_s, "gemm_tok_s": t / gemm_s,
             "update_tflops": flops / update_s / 1e12, "gemm_tflops": flops / gemm_s / 1e12,
@@ -393,8 +384,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="record: tokens per row")
     ap.add_argument("--batches", type=int, default=None, help="record: batches per round")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--only", action="append", help="record, sae, comoments (repeat or a,b)")
+    ap.add_argument("--only", "--section", action="append", dest="only",
+                    help="record, sae, comoments (repeat or a,b)")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print one JSON object of all figures")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the JSON figures here as each part is measured")  # fmt: skip
     args = ap.parse_args()
     sections = parse_only(args.only)
     if args.threads:
@@ -408,12 +402,22 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     out: dict = {"device": dev_name, "small": args.small, "rounds": args.rounds,
                  "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
-    run = {"record": lambda: bench_record(sz, args.small, dev, dtype, args.rounds),
-           "sae": lambda: bench_sae(sz, dev, args.rounds),
+
+    def part(section: str) -> Callable[[dict], None]:
+        def save(figures: dict) -> None:
+            out[section] = figures
+            if args.out is not None:
+                write_json(args.out, out)
+
+        return save
+
+    run = {"record": lambda: bench_record(sz, args.small, dev, dtype, args.rounds,
+                                          part("record")),
+           "sae": lambda: bench_sae(sz, dev, args.rounds, part("sae")),
            "comoments": lambda: bench_comoments(sz, dev, dtype, args.rounds)}  # fmt: skip
     show = {"record": print_record, "sae": print_sae, "comoments": print_comoments}
     for s in sections:
-        out[s] = run[s]()
+        part(s)(run[s]())
         if not args.json:
             show[s](out[s], dev_name, args.rounds)
     if args.json:

@@ -77,13 +77,6 @@ def iter_stage(stage: Stage, atlas_path: str, shards: Sequence[int],
             yield out
 
 
-def placement(resources: ResourcesConfig) -> tuple[dict[str, Any], str]:
-    """Ray options and device of a one-off Ray task (outside the runtime's workers): one GPU
-    where workers take GPUs, else one CPU."""
-    gpus = use_gpus(resources)
-    return {"num_cpus": 1, "num_gpus": 1 if gpus else 0, **worker_env()}, "cuda" if gpus else "cpu"
-
-
 # ------------------------------------------------------------------ accounting
 
 

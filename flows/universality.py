@@ -34,7 +34,7 @@ from flows.statistics import note_speed, record_merge
 from flows.tasks import TASK
 from ops.correlation import CoMoments, FamilyMoments, merge_comoments
 from ops.engine import Consumer, NeuronStats, TileMoments
-from ops.plan import Plan, default_budget, plan
+from ops.plan import Plan, default_budget, device_budget, plan
 from ops.stats import HistSpec, hist_spec, stack_partials
 from ops.universality import (
     LayerMoments,
@@ -247,18 +247,29 @@ def correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig
     if stored.get("key") == key and atlas.done("universality/pairs").get("complete"):
         return {"skipped": True, **stored}
     with runtime_for(job.resources) as rt:  # the job's workers, for all three passes
-        return _correlate(job, models, cfg, layers, d, key, ledger, stats, first_name, rt.gpus)
+        gpus, res = rt.gpus, job.resources
+        if gpus and cfg.memory_gb is None:  # what the workers' devices hold, read from them
+            budget = device_budget(rt.call(_device_memory))
+        else:
+            budget = default_budget(cfg.memory_gb, res.workers, gpus)
+        return _correlate(job, models, cfg, layers, d, key, ledger, stats, first_name, gpus,
+                          budget)  # fmt: skip
+
+
+def _device_memory(device: str = "cuda") -> int:
+    """Bytes of memory of the device a worker runs on."""
+    return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
 
 
 def _correlate(job: JobConfig, models: list[ModelConfig], cfg: UniversalityConfig,
                layers: list[list[int]], d: list[int], key: str, ledger: Ledger | None,
-               stats: tuple[Any, Any] | None, first_name: str, gpus: bool) -> dict:  # fmt: skip
+               stats: tuple[Any, Any] | None, first_name: str, gpus: bool, budget: int
+               ) -> dict:  # fmt: skip
     log = get_run_logger()
     atlas = Store.open(job.atlas)
     res = job.resources
     names = [m.name for m in models]
-    the_plan = plan(layers, d, res.workers, default_budget(cfg.memory_gb, res.workers, gpus),
-                    flush=gpus)  # fmt: skip
+    the_plan = plan(layers, d, res.workers, budget, flush=gpus)
     log.info("%s", the_plan.describe(names))
     atlas.touch(universality_plan=the_plan.to_dict())
     shapes = Shapes(names, layers, d, cfg.seed, cfg.matmul_dtype, cfg.flush_tokens, cfg.keep_full)

@@ -12,11 +12,14 @@ import numpy as np
 import torch
 
 
-def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A host array on ``device``; to a GPU through pinned memory without waiting for it."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if torch.device(device).type != "cuda":
-        return t
+def to_device(a: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host array or tensor on ``device``; to a GPU through pinned memory without waiting
+    for it. A tensor already on a GPU is returned as it is (copying it back to check would
+    wait). The pinned staging buffer may be freed at once: torch's pinned-memory allocator
+    keeps the block until the copy that reads it has run."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 

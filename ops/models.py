@@ -42,6 +42,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ops.configs import Registry
+from ops.devices import to_device
 from ops.errors import ModelError
 from ops.sources import SMOLLM2, SMOLLM2_CACHE_NAME, cache_dir
 from ops.sources import looks_like_path as _looks_like_path
@@ -57,6 +58,7 @@ __all__ = [
     "cache_dir",
     "capture_mlp",
     "forward_until",
+    "model_inputs",
     "load_model",
     "load_tokenizer",
     "model_info",
@@ -585,6 +587,23 @@ class _StopForward(Exception):
     """Raised by a hook to abandon a forward once the last needed activation is captured."""
 
 
+def model_inputs(loaded: LoadedModel, input_ids: torch.Tensor | Any,
+                 attention_mask: torch.Tensor | Any | None) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of one forward of ``loaded``, on its device.
+
+    Host batches go up through pinned memory by non-blocking copies: from pageable memory a
+    copy makes the host wait until the device has finished all it was given, so the host
+    could not queue the next batch while this one runs. ``bench/gpu.py`` feeds its bare
+    forwards through this too, so that every variant it times gets the same inputs.
+    """
+    kwargs: dict[str, Any] = {"input_ids": to_device(torch.as_tensor(input_ids), loaded.device)}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = to_device(torch.as_tensor(attention_mask), loaded.device)
+    if "use_cache" in inspect.signature(loaded.model.forward).parameters:
+        kwargs["use_cache"] = False  # no KV cache: we never decode
+    return kwargs
+
+
 def forward_until(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
@@ -595,7 +614,7 @@ def forward_until(
 
     Recording only needs the hooked activations: skipping the later layers and the LM head
     (a ``[batch, seq, vocab]`` matmul, large for 49k-token vocabularies) saves their cost.
-    Use inside :func:`capture_mlp`.
+    Use inside :func:`capture_mlp`. Inputs go to the device as :func:`model_inputs` says.
     """
     (last_layer,) = _check_layers(loaded, [last_layer], "last_layer")
 
@@ -603,11 +622,7 @@ def forward_until(
         raise _StopForward
 
     model = loaded.model
-    kwargs: dict[str, Any] = {"input_ids": torch.as_tensor(input_ids, device=loaded.device)}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = torch.as_tensor(attention_mask, device=loaded.device)
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False  # no KV cache: we never decode
+    kwargs = model_inputs(loaded, input_ids, attention_mask)
     # A post-hook on the projection runs after every capture pre-hook on it, whatever the order
     # the hooks were registered in.
     handle = loaded.down_projs()[last_layer].register_forward_hook(stop)

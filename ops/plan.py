@@ -131,6 +131,15 @@ def default_budget(memory_gb: float | None, workers: int, gpus: bool) -> int:
     return int(psutil.virtual_memory().total * 0.5 / max(workers, 1))
 
 
+def device_budget(total_bytes: int) -> int:
+    """Bytes of co-moment state one worker may hold on a device of ``total_bytes`` (read from
+    the device: an "80 GB" H100 has 79.6 GiB, an H200 139.8 GiB; never assume one). The rest
+    is for the models, one batch's activations (float32 rows of every compared layer of two
+    models and their cast copies: ~5 GB for a GPT-2-small pair at 16k tokens), finalising's
+    blocks and the allocator's slack: 10% and 6 GiB."""
+    return max(0, int(total_bytes * 0.9) - 6 * 2**30)
+
+
 def tile_bytes(t: Tile, layers: list[list[int]], d: list[int], flush: bool) -> int:
     """Device bytes of one tile's state: float64 totals (+ float32 buffer when flushed)."""
     if isinstance(t, PairTile):

@@ -91,6 +91,12 @@ _EPS = 1e-12
 _GATHER_ELEMENTS = 1 << 26  # CUDA backward: gathered [entries, d] rows per chunk (256 MiB fp32)
 
 
+def _reads_are_free(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing (it is on the CPU). On a
+    GPU a read waits for everything queued before it; the training step avoids them."""
+    return t.device.type == "cpu"
+
+
 def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
     """Class decorator: make an architecture available as ``SAEConfig(arch=name)``."""
 
@@ -196,7 +202,8 @@ def _row_code(vals: Tensor, idx: Tensor) -> dict[str, Tensor]:
     b, m = idx.shape
     idx, order = idx.sort(-1)
     arange = torch.arange(b, device=idx.device)
-    return {"rows": arange.repeat_interleave(m), "idx": idx.flatten(),
+    # each row index m times, as a broadcast: one copy, nothing to read back from a GPU
+    return {"rows": arange[:, None].expand(b, m).reshape(-1), "idx": idx.flatten(),
             "vals": vals.gather(-1, order).flatten(), "offsets": arange * m}  # fmt: skip
 
 
@@ -380,20 +387,36 @@ class SAE(nn.Module):
 
     def _auxk(self, pre: Tensor, resid: Tensor, dead: Tensor | None) -> Tensor:
         """AuxK (Gao et al. 2024): the top-``auxk`` dead latents model the residual, so that
-        dead latents get gradient again. Scaled by ``min(n_dead / auxk, 1)`` (sparsify)."""
+        dead latents get gradient again. Scaled by ``min(n_dead / auxk, 1)`` (sparsify).
+
+        On the CPU the number of dead latents is read, and the work skipped when there are
+        none. On a GPU reading it would make the host wait for the device every step, so
+        the top ``min(auxk, n_latents)`` of the masked pre-activations are taken whatever
+        the count: slots beyond the dead latents hold ``-inf``, are zeroed, and add exactly
+        nothing (and the scale is 0 when none is dead). Both give the same bits
+        (``tests/ops/test_sae.py``)."""
         cfg = self.cfg
         if dead is None or cfg.auxk_coef == 0 or cfg.auxk == 0:
             return pre.new_zeros(())
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return pre.new_zeros(())
-        vals, idx = pre.masked_fill(~dead, -math.inf).topk(min(cfg.auxk, n_dead), sorted=False)
+        weight: float | Tensor
+        if _reads_are_free(dead):
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                return pre.new_zeros(())
+            vals, idx = pre.masked_fill(~dead, -math.inf).topk(min(cfg.auxk, n_dead), sorted=False)
+            weight = min(n_dead / cfg.auxk, 1.0)
+        else:
+            k = min(cfg.auxk, cfg.n_latents)
+            vals, idx = pre.masked_fill(~dead, -math.inf).topk(k, sorted=False)
+            vals = vals.masked_fill(vals == -math.inf, 0.0)
+            # min(n_dead / auxk, 1.0) as the host computes it: float64, then float32 in the mul
+            weight = (dead.sum().double() / cfg.auxk).clamp_max(1.0).float()
         if self.sparse_decoder:
             code = _row_code(vals, idx)
             e_hat = sparse_decode(code["idx"], code["vals"], code["offsets"], self.W_dec)
         else:
             e_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
-        return min(n_dead / cfg.auxk, 1.0) * (resid.detach() - e_hat).pow(2).sum(-1).mean()
+        return weight * (resid.detach() - e_hat).pow(2).sum(-1).mean()
 
 
 def build_sae(cfg: SAEConfig) -> SAE:
@@ -465,14 +488,18 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def on_step(self, out: _Out) -> None:
+        """The threshold follows the smallest positive kept activation: set by the first
+        batch that has one, then an EMA. All on the device, with no branch on its values
+        (each would make the host wait for the device every step): a batch with nothing
+        positive leaves it as it was."""
         vals = out.aux.get("vals")
-        if vals is None or not bool((vals > 0).any()):
+        if vals is None:
             return
-        smallest = vals[vals > 0].min().to(self.threshold.dtype)
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.lerp_(smallest, _THRESHOLD_LR)
+        pos = vals > 0
+        smallest = torch.where(pos, vals, math.inf).min().to(self.threshold.dtype)
+        new = torch.where(self.threshold < 0, smallest,
+                          torch.lerp(self.threshold, smallest, _THRESHOLD_LR))  # fmt: skip
+        self.threshold.copy_(torch.where(pos.any(), new, self.threshold))
 
 
 @register("relu")
@@ -879,10 +906,13 @@ def train(
         return nullcontext()
 
     sae.train()
+    # read once, not every step: on a GPU each read makes the host wait for the device
+    initialized = bool(sae.initialized)
     for x in tqdm(it, desc="train SAE", unit="batch", initial=state.step, disable=None):
         x = x.to(device=device, dtype=sae.W_dec.dtype, non_blocking=True)
-        if not bool(sae.initialized):
+        if not initialized:
             sae.init_from(x)
+            initialized = True
         with amp():
             out = sae._loss(sae.scale(x), state.dead_mask(cfg.dead_after_tokens))
         opt.zero_grad(set_to_none=True)

@@ -211,6 +211,28 @@ def position_buckets(seq_len: int, n: int) -> np.ndarray:
     return (np.arange(seq_len) * n // seq_len).astype(np.int64)
 
 
+def group_sums(x: torch.Tensor, group: torch.Tensor, n_groups: int,
+               gemm: bool | None = None) -> torch.Tensor:  # fmt: skip
+    """``out[g] = Σ x[t]`` over the rows ``t`` with ``group[t] == g``: float32 ``[n_groups, d]``.
+
+    On the CPU an ``index_add_`` (sequential, so reproducible). On a GPU ``index_add_`` adds
+    with atomics in whatever order the threads arrive: the float32 sums, and so the atlas,
+    would differ from run to run. There the sums are one GEMM of a one-hot ``[G, T]`` matrix
+    with ``x``: a fixed reduction order, so the same bits every run on the same device and
+    library, and no atomics (``2 G T d`` FLOPs: small for the few dozen (bucket, source)
+    groups of a job). The products are exact (by 0 or 1), so the result is a float32 sum
+    like ``index_add_``'s. TF32 would round ``x`` to 10 bits: where the caller has turned it
+    on, the GEMM runs in float64 instead. ``gemm`` forces one way or the other (default: the
+    GEMM on CUDA).
+    """
+    if not (x.device.type == "cuda" if gemm is None else gemm):
+        return torch.zeros(n_groups, x.shape[1], device=x.device).index_add_(0, group, x)
+    onehot = group[None, :] == torch.arange(n_groups, device=x.device)[:, None]
+    if torch.backends.cuda.matmul.allow_tf32:
+        return (onehot.double() @ x.double()).float()
+    return onehot.float() @ x
+
+
 class CountersAccumulator:
     """Counts of one layer over batches: fed the recorded rows' activations, the tokens of
     those rows, their previous tokens, position buckets and sources.
@@ -312,8 +334,7 @@ class CountersAccumulator:
         dev = x.device
         xs = x.index_select(0, to_device(rows, dev)).float()
         g = to_device(group, dev)
-        G = len(self.grp_tokens)
-        self.grp_sum += torch.zeros(G, self.d, device=dev).index_add_(0, g, xs).to(self.grp_sum)
+        self.grp_sum += group_sums(xs, g, len(self.grp_tokens)).to(self.grp_sum)
         fired = (xs > self.threshold).view(-1)
         cap = max(self._capacity, 1)
         flat = torch.nonzero_static(fired, size=cap, fill_value=-1).view(-1)

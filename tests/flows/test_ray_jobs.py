@@ -252,7 +252,7 @@ def test_the_job_uploads_the_project_and_a_portable_job(tmp_path: Path, tiny_mod
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-shipped")
     wd = stage_working_dir(parse_job(_job(Path("rel.zarr"), tiny_model_dir)), tmp_path / "wd")
     assert sorted(p.name for p in wd.iterdir()) == sorted([*PACKAGES, JOB_FILE])
-    assert not list(wd.rglob("__pycache__")) and (wd / "flows" / "cli.py").is_file()
+    assert not list(wd.rglob("__pycache__")) and (wd / "flows" / "cli" / "__init__.py").is_file()
     job = yaml.safe_load((wd / JOB_FILE).read_text())
     assert job["atlas"] == str(tmp_path / "rel.zarr")  # absolute: the job runs elsewhere
     env = runtime_env(wd)

@@ -103,3 +103,68 @@ def test_gpu_accumulator_matches_corrcoef(dtype: torch.dtype) -> None:
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     got = _accumulate(a, b, device="cuda", dtype=dtype).pearson()
     assert np.abs(got - ref).max() <= tol
+
+
+def _operands(dim: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    """``(c, aᵀ, b)`` as ``FamilyMoments`` passes them: float32 ``c``, a transposed view."""
+    g = torch.Generator().manual_seed(dim)
+    lead = (3,) if dim == 3 else ()
+    a = torch.randn(*lead, 64, 24, generator=g).to(device, dtype)
+    b = torch.randn(*lead, 64, 40, generator=g).to(device, dtype)
+    c = torch.randn(*lead, 24, 40, generator=g).to(device)
+    return c, a.transpose(-2, -1), b
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_in_place_accumulation_adds_or_declines_and_remembers(dim, monkeypatch) -> None:
+    """``accumulate_in_place`` adds ``aᵀ·b`` into ``c`` in float32, or says it cannot and
+    leaves ``c`` untouched; a kind it could not do is not tried again. This CPU has float32
+    GEMMs with ``beta = 1`` and no reduced-precision ones with a float32 output."""
+    import ops.correlation as corr
+
+    monkeypatch.setattr(corr, "_IN_PLACE", {})
+    c, at, b = _operands(dim, torch.float32, "cpu")
+    want = c + at @ b
+    assert corr.accumulate_in_place(c, at, b)
+    torch.testing.assert_close(c, want)
+    c, at, b = _operands(dim, torch.bfloat16, "cpu")
+    before = c.clone()
+    done = corr.accumulate_in_place(c, at, b)
+    if done:  # a torch that has them: exact products, float32 sums
+        torch.testing.assert_close(c, before + at.float() @ b.float(), rtol=1e-5, atol=1e-4)
+    else:
+        assert torch.equal(c, before) and corr._IN_PLACE[("cpu", dim, True)] is False
+        monkeypatch.setattr(torch, "addmm", None)  # not tried again: would raise TypeError
+        monkeypatch.setattr(torch, "baddbmm", None)
+        assert not corr.accumulate_in_place(c, at, b) and torch.equal(c, before)
+
+
+def test_in_place_accumulation_raises_real_errors_once_it_has_worked(monkeypatch) -> None:
+    import ops.correlation as corr
+
+    monkeypatch.setattr(corr, "_IN_PLACE", {("cpu", 2, False): True})
+    c, at, b = _operands(2, torch.float32, "cpu")
+    with pytest.raises(RuntimeError):
+        corr.accumulate_in_place(c, at[:5], b)  # shapes that cannot multiply
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_in_place_accumulation_adds_or_declines(dtype, dim, monkeypatch) -> None:
+    """On the device, this torch's ``addmm``/``baddbmm`` (with ``out_dtype`` and ``out=``
+    for reduced precision) add the float32-accumulated product into ``c``, or decline and
+    leave it untouched (then ``FamilyMoments`` adds a product instead)."""
+    import ops.correlation as corr
+
+    monkeypatch.setattr(corr, "_IN_PLACE", {})
+    c, at, b = _operands(dim, dtype, "cuda")
+    before = c.clone()
+    done = corr.accumulate_in_place(c, at, b)
+    print(f"in-place accumulation of {dtype} products into float32 ({dim}-d): {done}")
+    if dtype == torch.float32:
+        assert done
+    if done:
+        torch.testing.assert_close(c, before + at.float() @ b.float(), rtol=1e-4, atol=1e-3)
+    else:
+        assert torch.equal(c, before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,76 @@ def test_a_model_runs_only_to_its_deepest_consumer(two_models) -> None:
     finally:
         h.remove()
     assert not seen  # layer 1 never ran
+
+
+def _sync_sites(run) -> list[str]:  # noqa: ANN001
+    """Run ``run()`` with CUDA's sync check on "warn" and return, for every wait on the
+    device, the innermost frame outside torch that caused it (``file:line``)."""
+    import traceback
+    import warnings
+
+    sites: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__
+                      and os.path.basename(f.filename) != "warnings.py"]  # fmt: skip
+            sites.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else filename)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
+def test_sync_sites_name_the_frame_that_waited(monkeypatch) -> None:
+    """The helper of the CUDA test below, on a warning raised where a sync would be: it
+    names the innermost frame outside torch, the warnings machinery and this file."""
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    code = "import warnings\ndef f():\n    warnings.warn('called a synchronizing CUDA operation')\n"
+    ns: dict = {}
+    for where in (f"{os.sep}x{os.sep}ops{os.sep}fake.py",
+                  f"{os.sep}y{os.sep}transformers{os.sep}masking_utils.py"):  # fmt: skip
+        exec(compile(code, where, "exec"), ns)  # noqa: S102
+        assert _sync_sites(lambda: (ns["f"](), ns["f"]())) == [f"{where}:3"] * 2
+    assert _sync_sites(lambda: None) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_recording_pass_does_not_wait_for_the_device() -> None:
+    """The per-batch path of a recording pass on a GPU (rows and token ids up through
+    pinned memory, the forward cut after the last layer, the fused statistics of every
+    layer) only queues work: no wait on the device is caused by the project's code. The
+    model's forward itself waits (transformers 5 reads back whether the mask is all ones,
+    or without a mask whether the positions are packed, before the first layer); those
+    are printed, not counted against us. The first batch, which compiles the kernels and
+    fills the top-k state, is run before."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(CONFIGS["llama"](), dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    from ops.models import LoadedModel, arch_spec
+
+    spec = arch_spec(model.config)
+    lm = LoadedModel(model=model, tokenizer=None, model_type="llama", n_layers=2,
+                     d_mlp=spec.d_mlp(model.config), site=spec.description, source="tiny",
+                     path="", revision=None, dtype=torch.bfloat16, device=torch.device("cuda"))  # fmt: skip
+    tokens, mask = _corpus(n_seq=40, seq_len=16)
+    stats = [NeuronStats((0, L), lm.d_mlp, 4, hist_spec(16), "cuda") for L in range(2)]
+    assert all(s.acc.backend == "triton" for s in stats)
+    engine = ActivationPass([lm])
+    engine.run(batches(tokens[:8], mask[:8], 0, 8), stats)
+    torch.cuda.synchronize()
+    count = []
+    sites = _sync_sites(lambda: count.append(engine.run(batches(tokens[8:], mask[8:], 8, 8), stats)))
+    ours = [s for s in sites if f"{os.sep}transformers{os.sep}" not in s]
+    print(f"{len(sites) - len(ours)} waits in {count[0].forward_passes} forwards, in "
+          f"transformers: {sorted(set(sites) - set(ours))}")  # fmt: skip
+    assert ours == []
+    assert count[0].forward_passes == 4 and stats[1].state().n == mask.sum()

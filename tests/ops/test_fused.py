@@ -22,10 +22,11 @@ from ops.stats import NeuronAccumulator, finalize, hist_spec
 from tests.ops.test_stats import _data, _reference
 
 CUDA = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
-    pytest.mark.skipif(not kernels.AVAILABLE, reason="numba (the CPU path compared) missing"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton not installed")  # fmt: skip
+# only the comparisons with the CPU path need numba: the CUDA-only checks run without it
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE,
+                                 reason="numba (the CPU path compared) missing")  # fmt: skip
 
 
 def test_kernels_run_in_the_interpreter_without_cuda() -> None:
@@ -51,6 +52,7 @@ def _both(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, k: int, 
     return a.partial(), b.partial()
 
 
+@needs_numba
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_equals_numba_and_float64(dtype: torch.dtype) -> None:
     t, d, k = (160, 37, 5) if not CUDA else (20000, 301, 32)
@@ -73,6 +75,7 @@ def test_fused_equals_numba_and_float64(dtype: torch.dtype) -> None:
     assert got["skew"][1] == 0.0 and got["kurt"][1] == 0.0  # the constant neuron
 
 
+@needs_numba
 def test_fewer_rows_than_k_and_one_row_batches() -> None:
     x = torch.from_numpy(_data(t=6, d=20, seed=5)).to(torch.bfloat16)
     rows = torch.arange(6)
@@ -85,6 +88,7 @@ def test_fewer_rows_than_k_and_one_row_batches() -> None:
     np.testing.assert_allclose(finalize(pb)["var"], finalize(pa)["var"], rtol=1e-9, atol=1e-12)
 
 
+@needs_numba
 def test_candidates_after_the_state_is_full() -> None:
     """Later batches that beat the running k-th (a rising neuron) and ties at it (same value,
     later position: never taken)."""

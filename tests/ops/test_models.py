@@ -6,6 +6,7 @@ HF cache laid out exactly like the real one.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -36,6 +38,7 @@ from ops.models import (
     load_model,
     load_tokenizer,
     model_info,
+    model_inputs,
     prepare_source,
     register_arch,
     resolve_device,
@@ -248,6 +251,22 @@ def test_forward_until_skips_lm_head(tiny_dirs: dict) -> None:
     assert head_calls == []
     with pytest.raises(ModelError, match="last_layer"):
         forward_until(lm, *_ids(), last_layer=5)
+
+
+def test_model_inputs_on_the_host_are_the_callers_tensors(tiny_dirs: dict) -> None:
+    """On the CPU nothing is copied: ids and mask (tensors or arrays) are the caller's
+    memory; ``use_cache`` is off where the model takes it. (On a GPU they go up through
+    pinned memory: ``tests/ops/test_engine.py``'s CUDA test.)"""
+    lm = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu", with_tokenizer=False)
+    ids, mask = _ids(3)
+    kw = model_inputs(lm, ids, mask)
+    assert kw["input_ids"] is ids and kw["attention_mask"] is mask and kw["use_cache"] is False
+    arr = ids.numpy()
+    got = model_inputs(lm, arr, None)
+    assert "attention_mask" not in got and np.shares_memory(got["input_ids"].numpy(), arr)
+    bert = load_model(str(tiny_dirs["bert"]), dtype="float32", device="cpu", with_tokenizer=False)
+    takes = "use_cache" in inspect.signature(bert.model.forward).parameters
+    assert ("use_cache" in model_inputs(bert, ids, mask)) == takes
 
 
 # --------------------------------------------------------------------------- hub id

@@ -194,7 +194,7 @@ def test_bad_layer_and_unknown_family() -> None:
         assert torch.equal(w_out, tiny.blocks[0].out.weight.T)
         assert unembedding(tiny) is None
     finally:
-        ARCHS.pop("my_arch", None)
+        ARCHS.unregister("my_arch")
 
 
 # --------------------------------------------------------------------------- unembedding

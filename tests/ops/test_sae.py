@@ -577,3 +577,113 @@ def test_auxk_loss_zero_without_dead_latents():
     assert sae.loss(x, none)[1]["auxk"] == 0
     assert sae.loss(x, None)[1]["auxk"] == 0
     assert sae.loss(x, ~none)[1]["auxk"] > 0
+
+
+# --------------------------------------------------------------------------- no host reads
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_without_reading_the_dead_count_is_the_same(arch, sparse, monkeypatch):
+    """The GPU's AuxK (top ``auxk`` of the masked pre-activations whatever the count, the
+    extra slots zeroed, the scale a device tensor) gives the host's losses and gradients bit
+    for bit: none dead, fewer dead than ``auxk``, more."""
+    _, x = _planted(256, m=64, d=16)
+    for n_dead in (0, 3, 8, 30):
+        dead = torch.zeros(48, dtype=torch.bool)
+        dead[torch.randperm(48, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+        got = {}
+        for free in (True, False):
+            monkeypatch.setattr(sae_module, "_reads_are_free", lambda t, free=free: free)
+            sae = build_sae(_small(arch))
+            sae.sparse_decoder = sparse
+            sae.init_from(x)
+            got[free] = _loss_and_grads(sae, x, dead)
+        (parts, grads), (parts_dev, grads_dev) = got[True], got[False]
+        assert (float(parts["auxk"]) > 0) == (n_dead > 0)
+        for key in parts:
+            assert torch.equal(parts_dev[key], parts[key]), (n_dead, key)
+        for name in grads:
+            assert torch.equal(grads_dev[name], grads[name]), (n_dead, name)
+
+
+def test_batchtopk_threshold_update_without_branches():
+    """BatchTopK's threshold update, now all on the device, against the rule it replaced:
+    unset until a batch keeps a positive activation, then set to the smallest, then an EMA
+    of it; a batch with nothing positive changes nothing."""
+    sae = build_sae(_small("batchtopk"))
+
+    def step(vals: list[float]) -> None:
+        z = torch.tensor(vals)
+        sae.on_step(sae_module._Out(z.sum(), {}, None, z > 0, {"vals": z}))
+
+    def reference(thr: float, vals: list[float]) -> float:
+        pos = [v for v in vals if v > 0]
+        if not pos:
+            return thr
+        small = torch.tensor(min(pos))
+        return float(small) if thr < 0 else float(torch.tensor(thr).lerp(small, 0.01))
+
+    thr = float(sae.threshold)
+    for vals in ([0.0, -1.0], [0.5, 0.0, 2.0], [0.0], [3.0, 1.5], [-2.0], [0.25, 9.0]):
+        step(vals)
+        thr = reference(thr, vals)
+        assert float(sae.threshold) == thr, vals
+    assert thr > 0
+    sae.on_step(sae_module._Out(torch.zeros(()), {}, None, torch.zeros(0), {}))  # dense code
+    assert float(sae.threshold) == thr
+
+
+def test_train_initialises_once_and_only_when_needed(monkeypatch):
+    """``initialized`` is read once per ``train`` call (not every step): an SAE initialised
+    beforehand is left as it is, a fresh one takes its first batch, once."""
+    calls = []
+    real = sae_module.SAE.init_from
+    monkeypatch.setattr(sae_module.SAE, "init_from",
+                        lambda self, x: (calls.append(x.shape[0]), real(self, x))[1])  # fmt: skip
+    _, x = _planted(512, m=32, d=16)
+    sae = build_sae(_small("topk"))
+    train(sae, [x[:32], x[32:64], x[64:96]], log_every=0)
+    assert calls == [32] and bool(sae.initialized)
+    train(sae, [x[:32], x[32:64]], log_every=0)
+    assert calls == [32]
+    ready = build_sae(_small("topk"))
+    ready.init_from(x)
+    scale = ready.input_scale.clone()
+    train(ready, [x[:32] * 5, x[32:64]], log_every=0)
+    assert calls == [32, 512] and torch.equal(ready.input_scale, scale)
+
+
+@needs_cuda
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_cuda_training_steps_do_not_wait_for_the_device(arch, autocast):
+    """No host sync in a training step (loss, backward, parallel-gradient removal, fused
+    Adam, renormalisation, BatchTopK's threshold, AuxK, dead-latent counters): from the
+    third batch on, the data source turns CUDA's sync check to "error", so any step that
+    waits for the device fails here. (The first two steps build Adam's state.)"""
+    cfg = SAEConfig(arch=arch, d_in=64, n_latents=512, k=8, auxk=32, batch_size=256, lr=1e-3,
+                    dead_after_tokens=256, autocast=autocast)  # fmt: skip
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(256, 64, device="cuda", generator=g) for _ in range(8)]
+    sae = build_sae(cfg).to("cuda")
+    sae.init_from(xs[0])
+    with torch.no_grad():
+        sae.W_enc[:, :200] *= 0.01  # some latents go dead: AuxK has work
+
+    def source():
+        for i, x in enumerate(xs):
+            if i == 2:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            yield x
+
+    try:
+        state = train(sae, source(), log_every=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert state.step == 8
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    if arch in ("topk", "batchtopk"):
+        assert bool(state.dead_mask(cfg.dead_after_tokens).any())  # AuxK ran with dead latents

