@@ -14,6 +14,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import ops.sae as sae_module
+import ops.sae.archs as sae_archs
+import ops.sae.sparse as sae_sparse
 from ops.sae import (
     ARCHITECTURES,
     SAEConfig,
@@ -233,10 +235,10 @@ def test_sparse_decode_backward_paths_agree(monkeypatch):
     grad = torch.randn(50, 32, generator=g, dtype=torch.float64)
     w = torch.randn(200, 32, generator=g, dtype=torch.float64)
     want = (grad @ w.T)[rows, idx]
-    torch.testing.assert_close(sae_module._values_grad_csr(grad, w, idx, offsets), want)
-    monkeypatch.setattr(sae_module, "_GATHER_ELEMENTS", 3 * 32 + 5)  # 3 entries a chunk
-    torch.testing.assert_close(sae_module._values_grad_gather(grad, w, rows, idx), want)
-    torch.testing.assert_close(sae_module._entry_rows(offsets, idx.numel()), rows)
+    torch.testing.assert_close(sae_sparse._values_grad_csr(grad, w, idx, offsets), want)
+    monkeypatch.setattr(sae_sparse, "_GATHER_ELEMENTS", 3 * 32 + 5)  # 3 entries a chunk
+    torch.testing.assert_close(sae_sparse._values_grad_gather(grad, w, rows, idx), want)
+    torch.testing.assert_close(sae_sparse._entry_rows(offsets, idx.numel()), rows)
 
 
 def _loss_and_grads(sae, x, dead):
@@ -594,7 +596,7 @@ def test_auxk_without_reading_the_dead_count_is_the_same(arch, sparse, monkeypat
         dead[torch.randperm(48, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
         got = {}
         for free in (True, False):
-            monkeypatch.setattr(sae_module, "_reads_are_free", lambda t, free=free: free)
+            monkeypatch.setattr(sae_archs, "_reads_are_free", lambda t, free=free: free)
             sae = build_sae(_small(arch))
             sae.sparse_decoder = sparse
             sae.init_from(x)
@@ -615,7 +617,7 @@ def test_batchtopk_threshold_update_without_branches():
 
     def step(vals: list[float]) -> None:
         z = torch.tensor(vals)
-        sae.on_step(sae_module._Out(z.sum(), {}, None, z > 0, {"vals": z}))
+        sae.on_step(sae_archs._Out(z.sum(), {}, None, z > 0, {"vals": z}))
 
     def reference(thr: float, vals: list[float]) -> float:
         pos = [v for v in vals if v > 0]
@@ -630,7 +632,7 @@ def test_batchtopk_threshold_update_without_branches():
         thr = reference(thr, vals)
         assert float(sae.threshold) == thr, vals
     assert thr > 0
-    sae.on_step(sae_module._Out(torch.zeros(()), {}, None, torch.zeros(0), {}))  # dense code
+    sae.on_step(sae_archs._Out(torch.zeros(()), {}, None, torch.zeros(0), {}))  # dense code
     assert float(sae.threshold) == thr
 
 
