@@ -172,7 +172,10 @@ def _map(job: JobConfig, resume: bool, overwrite: bool) -> dict:
     job's workers start once and keep their models from the first stage to the last."""
     ledger = Ledger(job.atlas, uuid.uuid4().hex[:12])
     with runtime_for(job.resources) as rt:
-        rt.workers()  # started (placed, plugins imported) before the first stage writes
+        if not (Atlas.exists(job.atlas) and Atlas.open(job.atlas).attrs.get("complete")):
+            # a job with work to do places its workers (and imports their plugins) before
+            # its first stage writes; a finished one rerun (a schedule's no-op) starts none
+            rt.workers()
         try:
             return _stages(job, resume, overwrite, ledger)
         finally:

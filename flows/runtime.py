@@ -504,7 +504,7 @@ class Runtime:
         self._started_ray = False
         self._rr = 0
         self._held = 0
-        self.device = "cpu"
+        self._gpus: bool | None = None
 
     # -- life
 
@@ -522,13 +522,28 @@ class Runtime:
         self.close()
 
     def start(self) -> None:
-        """Plugins imported here (the driver's checks see what they register), Ray reached
-        or started: bad input is met before any work."""
+        """Plugins are imported here, so the driver's checks see what they register. Ray is
+        reached (or started) and the workers placed on first use (:meth:`workers`): a job
+        with nothing left to do starts neither."""
         import_plugins(self.resources.plugins)
+
+    def _connect(self) -> None:
+        if self._gpus is not None:
+            return
         if self.backend == "ray":
             self._started_ray = ensure_ray(self.resources.ray_address, self.resources.workers)
-        self.gpus = use_gpus(self.resources)
-        self.device = "cuda" if self.gpus else "cpu"
+        self._gpus = use_gpus(self.resources)
+
+    @property
+    def gpus(self) -> bool:
+        """Whether the workers take a GPU each (Ray is reached to know)."""
+        self._connect()
+        assert self._gpus is not None
+        return self._gpus
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
 
     def close(self) -> None:
         for w in self._workers:
