@@ -230,7 +230,7 @@ def _encoders(saes: dict[str, dict], snmfs: dict[str, np.ndarray], models: list
         sae = sae_ops.from_weights(s["weights"], s["config"]).to(dev)
         out[f"sae/{n}"] = (sae.encode, sae.cfg.n_latents)
     for n, z in snmfs.items():
-        zt = torch.from_numpy(np.asarray(z, np.float32)).to(dev)
+        zt = torch.from_numpy(np.array(z, np.float32)).to(dev)  # a copy: Ray hands out read-only arrays
         out[f"snmf/{n}"] = (partial(_snmf_encode, zt), zt.shape[1])
     return out
 

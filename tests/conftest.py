@@ -104,13 +104,14 @@ def tiny_atlas(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness) -
 
 
 @pytest.fixture(scope="session")
-def one_node(tmp_path_factory, tiny_model_dir, ray_cluster, prefect_harness) -> Path:
-    """test_cluster's tiny job mapped on the session's one-node Ray: the atlas that the
-    two-node runs (test_cluster) and the ``ray`` CLI cluster's runs (test_ray_jobs) must
-    equal bit for bit. Read only."""
+def one_node(tmp_path_factory, tiny_model_dir, prefect_harness) -> Path:
+    """test_cluster's tiny job mapped in this process (the local backend, which equals Ray
+    with 1 and 2 workers: test_pipeline): the atlas that the two-node runs (test_cluster) and
+    the ``ray`` CLI cluster's runs (test_ray_jobs) must equal bit for bit. Read only."""
     from tests.flows.test_cluster import _job
     from tests.flows.test_pipeline import _run
 
     path = tmp_path_factory.mktemp("one-node") / "a.zarr"
-    _run(_job(path, tiny_model_dir))
+    job = _job(path, tiny_model_dir)
+    _run(job | {"resources": {"backend": "local"}})
     return path

@@ -31,6 +31,7 @@ def test_a_local_run_starts_its_own_ray_beside_a_running_one(ray_cluster) -> Non
         "from flows.config import ResourcesConfig\n"
         "from flows.runtime import Runtime\n"
         "with Runtime(ResourcesConfig(workers=1)) as rt:\n"
+        "    rt.workers()\n"
         "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
         "                      'started': rt._started_ray}))\n"
         "print(json.dumps({'after': ray.is_initialized()}))\n"

@@ -1,4 +1,4 @@
-"""The train_seeds flow on the session's real Ray cluster and Prefect harness.
+"""The train_seeds flow on the local backend and the session's Prefect harness.
 
 A tiny family (2 seeds, 1 layer, d_model 32, vocab 320, 20k tokens) in a cache directory of
 its own: trained once, reused on the second call without touching the weights, extended by
@@ -16,8 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flows.config import SeedsConfig
+from flows.config import ResourcesConfig, SeedsConfig
 from ops.models import cache_dir, load_model
+
+LOCAL = ResourcesConfig(backend="local")
+"""Seeds train in this process here; on Ray workers (one member each) in test_universality's
+job with a seed family."""
 
 TINY = dict(count=2, layers=1, d_model=32, d_mlp=64, n_heads=2, vocab_size=320, seq_len=32,
             train_tokens=20_000, batch_size=8)  # fmt: skip
@@ -35,12 +39,11 @@ def _digest(d: Path) -> tuple[str, int]:
     return hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns
 
 
-@pytest.mark.slow
-def test_train_seeds_trains_once_then_reuses(ray_cluster, prefect_harness, cache):
+def test_train_seeds_trains_once_then_reuses(prefect_harness, cache):
     from flows.seeds import artifact_key, family_dir, train_seeds
 
     cfg = SeedsConfig(**TINY)
-    out = train_seeds(cfg, max_docs=200)
+    out = train_seeds(cfg, max_docs=200, resources=LOCAL)
     assert out["trained"] == [0, 1] and out["cached"] == []
     dirs = [Path(d) for d in out["dirs"]]
     assert [d.name for d in dirs] == ["s0", "s1"]
@@ -78,20 +81,20 @@ def test_train_seeds_trains_once_then_reuses(ray_cluster, prefect_harness, cache
     report = _latest_artifact(artifact_key(cfg))
     assert "| s0 | 0 |" in report and "| s1 | 1 |" in report and "trained" in report
 
-    again = train_seeds(cfg, max_docs=200)
+    again = train_seeds(cfg, max_docs=200, resources=LOCAL)
     assert again["trained"] == [] and again["cached"] == [0, 1]
     assert again["dirs"] == out["dirs"] and again["key"] == out["key"]
     assert again["losses"] == out["losses"]
     assert [_digest(d) for d in dirs] == before  # not retrained, not rewritten
 
     # one more seed: the first two are reused, only s2 trains
-    more = train_seeds(cfg.model_copy(update={"count": 3}), max_docs=200)
+    more = train_seeds(cfg.model_copy(update={"count": 3}), max_docs=200, resources=LOCAL)
     assert more["trained"] == [2] and more["cached"] == [0, 1]
     assert more["dirs"][:2] == out["dirs"] and [_digest(d) for d in dirs] == before
 
     # a different config is a different family
     other = cfg.model_copy(update={"train_tokens": 10_000})
-    changed = train_seeds(other, max_docs=200)
+    changed = train_seeds(other, max_docs=200, resources=LOCAL)
     assert changed["key"] != out["key"] and changed["trained"] == [0, 1]
     assert Path(changed["dirs"][0]).parent == family_dir(other, _corpus_key(200))
     assert Path(changed["dirs"][0]).parent != fam
