@@ -47,7 +47,11 @@ def two_nodes(tmp_path_factory, tiny_model_dir, prefect_harness) -> dict:
             for name in ("two_nodes", "too_many", "flaky", "lose_node")}  # fmt: skip
     spec = {"out": str(tmp / "out.json"), "jobs": jobs, "flaky_marker": str(tmp / "flaky")}
     (tmp / "spec.json").write_text(json.dumps(spec))
+    # the driver makes its cluster without token auth: a token this machine keeps from another
+    # cluster (~/.ray/auth_token, written by test_ray_jobs' `ray start`) must not be sent to it
+    # (actor creation is then refused: "cancelled before it started running")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1",
+           "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     log = tmp / "driver.log"
     t0 = time.perf_counter()
