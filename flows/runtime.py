@@ -175,7 +175,11 @@ class Worker:
         self.unit: Unit | None = None
         self.unit_state: Any = None
         node = ray.get_runtime_context().get_node_id() if in_ray else "local"
-        self.base = {"node": node, "pid": os.getpid(), "host": socket.gethostname()}
+        dev = torch.device(device)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+        # where this worker runs, sent with every shard's result: made once
+        self.where = {"node": node, "pid": os.getpid(), "host": socket.gethostname(),
+                      "device": f"{dev} ({name})" if name else str(dev)}  # fmt: skip
 
     # -- what it holds
 
@@ -197,12 +201,6 @@ class Worker:
         if path not in self.stores:
             self.stores[path] = Store.open(path)
         return self.stores[path]
-
-    @property
-    def where(self) -> dict[str, Any]:
-        dev = torch.device(self.device)
-        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
-        return self.base | {"device": f"{dev} ({name})" if name else str(dev)}
 
     def ready(self) -> dict[str, Any]:
         if self.failed is not None:
